@@ -1,0 +1,98 @@
+"""Command line: arguments and environment -> Settings, logging, then serve MCP over stdio.
+
+Nothing but the protocol may reach stdout once serving, so every message here goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from task_orchestrator_mcp import __version__
+
+PROG = "task-orchestrator-mcp"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="A durable task queue for AI agents, served over MCP on stdio. "
+        "Every option can also be set as a TASK_ORCHESTRATOR_* environment variable.",
+    )
+    parser.add_argument(
+        "--database-url",
+        help="SQLAlchemy URL (env TASK_ORCHESTRATOR_DATABASE_URL); "
+        "default: tasks.db in your user data directory",
+    )
+    parser.add_argument(
+        "--log-level", help="TRACE, DEBUG, INFO (default), WARNING, ERROR (env TASK_ORCHESTRATOR_LOG_LEVEL)"
+    )
+    parser.add_argument("--log-file", help="log here instead of stderr (env TASK_ORCHESTRATOR_LOG_FILE)")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    return parser
+
+
+def _fail(message: str, code: int) -> int:
+    sys.stderr.write(f"{PROG}: {message}\n")
+    sys.stderr.flush()
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Serve until the client closes stdin. Exit 2 on bad settings, 1 when the database can't be used."""
+    args = _parser().parse_args(argv)
+    from pydantic import ValidationError
+
+    from task_orchestrator_mcp.settings import Settings
+
+    overrides = {
+        key: value
+        for key, value in (
+            ("database_url", args.database_url),
+            ("log_level", args.log_level),
+            ("log_file", args.log_file),
+        )
+        if value is not None
+    }
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "settings"
+        return _fail(f"invalid setting TASK_ORCHESTRATOR_{field.upper()}: {first['msg']}", 2)
+
+    from task_orchestrator_mcp.log import configure_logging, quiet
+
+    try:
+        configure_logging(settings.log_level, settings.log_file)
+    except OSError as exc:
+        return _fail(f"cannot open the log file {settings.log_file}: {exc.strerror}", 2)
+
+    from loguru import logger
+
+    from task_orchestrator_mcp.db.engine import describe
+    from task_orchestrator_mcp.errors import DatabaseError, TaskOrchestratorError
+    from task_orchestrator_mcp.server import build_server, open_database
+
+    where = describe(settings.database_url)
+    try:
+        # A failure here is reported as the one line below, not also as a warning.
+        with quiet("WARNING"):
+            database = open_database(settings)
+    except DatabaseError as exc:
+        return _fail(f"cannot use the database {where}: {exc.detail or exc}", 1)
+    except (TaskOrchestratorError, OSError) as exc:
+        return _fail(f"cannot use the database {where}: {exc}", 1)
+    logger.info("serving MCP on stdio; database {}", describe(settings.database_url))
+    try:
+        build_server(settings, database=database).run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        database.dispose()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Engines per backend, and the one way to run a transaction against them.
+
+SQLite: pysqlite's legacy transaction handling emits no BEGIN before SELECT or DDL, so we follow
+SQLAlchemy's documented recipe (autocommit at the driver, BEGIN emitted by us) and start every write
+transaction with ``BEGIN IMMEDIATE``: the write lock is taken up front, so a transaction never has to
+upgrade a read lock (which fails at once with SQLITE_BUSY instead of waiting for busy_timeout).
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from loguru import logger
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import ConnectionPoolEntry
+
+from task_orchestrator_mcp.errors import DatabaseError, DatabaseUnavailable, StorageError
+
+_WRITE = "task_orchestrator_write"
+
+
+class Database:
+    """An engine plus transaction helpers; one per server process, created by the server's lifespan."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        busy_timeout_ms: int = 30_000,
+        sqlite_synchronous: str = "FULL",
+        pool_size: int = 4,
+    ) -> None:
+        self.url = make_url(url)
+        self.dialect = self.url.get_backend_name()
+        if self.dialect == "sqlite":
+            self.engine = _sqlite_engine(url, busy_timeout_ms, sqlite_synchronous, pool_size)
+        elif self.dialect == "postgresql":
+            self.engine = _postgres_engine(url, pool_size)
+        else:
+            raise DatabaseError(f"Unsupported database {self.dialect!r}: use sqlite or postgresql.")
+        self._writer = self.engine.execution_options(**{_WRITE: True})
+
+    @property
+    def is_sqlite(self) -> bool:
+        """True on the embedded SQLite backend."""
+        return self.dialect == "sqlite"
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A write transaction (SQLite: BEGIN IMMEDIATE), committed on success, rolled back on error."""
+        with translate_errors(), self._writer.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A read transaction: one consistent snapshot for every query inside it."""
+        with translate_errors(), self.engine.begin() as conn:
+            yield conn
+
+    def dispose(self) -> None:
+        """Close every pooled connection."""
+        self.engine.dispose()
+
+
+def _sqlite_engine(url: str, busy_timeout_ms: int, synchronous: str, pool_size: int) -> Engine:
+    path = make_url(url).database
+    if path and not path.startswith("file:"):
+        Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(
+        url,
+        # pysqlite's own timeout is the busy handler too; keep both the same.
+        connect_args={"timeout": busy_timeout_ms / 1000, "check_same_thread": False},
+        pool_size=pool_size,
+        max_overflow=pool_size * 4,
+        pool_timeout=busy_timeout_ms / 1000,
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: sqlite3.Connection, _record: ConnectionPoolEntry) -> None:
+        dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (see module docstring)
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        # WAL lets readers run beside the one writer; the mode is stored in the file.
+        mode = cur.execute("PRAGMA journal_mode").fetchone()[0]
+        if mode.lower() != "wal":
+            cur.execute("PRAGMA journal_mode = WAL")
+        cur.execute(f"PRAGMA synchronous = {synchronous}")
+        cur.execute("PRAGMA foreign_keys = ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        write = conn.get_execution_options().get(_WRITE, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    return engine
+
+
+def _postgres_engine(url: str, pool_size: int) -> Engine:
+    # Many short-lived stdio processes share the server: a small pool, checked before use (so a
+    # restarted PostgreSQL costs one reconnect, not an error), and bounded waits everywhere.
+    return create_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+        pool_timeout=10,
+        connect_args={
+            "connect_timeout": 5,
+            "application_name": "task-orchestrator-mcp",
+            # A stuck statement or an abandoned transaction must not hold row locks forever.
+            "options": "-c statement_timeout=30000 -c idle_in_transaction_session_timeout=60000",
+        },
+    )
+
+
+_DISK_FULL = re.compile(r"database or disk is full|disk I/O error|file too large", re.I)
+_READ_ONLY = re.compile(r"readonly database|read-only|unable to open database", re.I)
+_LOCKED = re.compile(r"database is locked|database table is locked", re.I)
+
+
+@contextmanager
+def translate_errors() -> Iterator[None]:
+    """Turn driver errors into domain errors at the persistence edge; the message is for an agent."""
+    try:
+        yield
+    except sa_exc.DBAPIError as exc:
+        raise _translate(exc) from exc
+    except sa_exc.TimeoutError as exc:  # pool exhausted
+        raise DatabaseUnavailable("The database is busy (no free connection). Retry shortly.") from exc
+
+
+def _translate(exc: sa_exc.DBAPIError) -> DatabaseError:
+    message = str(exc.orig) if exc.orig is not None else str(exc)
+    detail = message.strip().splitlines()[0] if message.strip() else type(exc).__name__
+    logger.warning("database error: {}", detail)
+    if _DISK_FULL.search(message):
+        return StorageError(
+            "The database disk is full or failing; nothing was changed. Free space and retry.", detail
+        )
+    if _READ_ONLY.search(message):
+        return StorageError(
+            "The database file cannot be written (read-only or missing); nothing was changed.", detail
+        )
+    if _LOCKED.search(message):
+        return DatabaseUnavailable(
+            "The database stayed locked past the busy timeout; nothing was changed. Retry.", detail
+        )
+    if exc.connection_invalidated or isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError):
+        return DatabaseUnavailable("The database is unavailable right now. Retry in a few seconds.", detail)
+    return DatabaseError("The database rejected the request; nothing was changed.", detail)
+
+
+def describe(url: str) -> str:
+    """The URL with any password hidden, for logs and error lines."""
+    return make_url(url).render_as_string(hide_password=True)

@@ -1,0 +1,70 @@
+"""Logging set-up: loguru to stderr (or a file), never stdout, with stdlib logging routed into it."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from loguru import logger
+
+if TYPE_CHECKING:
+    from loguru import Record
+
+_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <8} | {process} | {name}:{line} - {message}"
+# Extra filters consulted by the sink (see quiet()); a record is written only if all keep it.
+_filters: list[Callable[[Record], bool]] = []
+
+
+class _InterceptHandler(logging.Handler):
+    """Send stdlib records (SQLAlchemy, alembic, mcp) to loguru."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level: str | int = logger.level(record.levelname).name
+        except ValueError:
+            level = record.levelno
+        logger.opt(depth=6, exception=record.exc_info).log(level, record.getMessage())
+
+
+def _keep(record: Record) -> bool:
+    return all(f(record) for f in _filters)
+
+
+def configure_logging(level: str, log_file: Path | None = None) -> None:
+    """Route all logging to stderr, or to ``log_file`` when given; stdout stays the protocol's."""
+    logger.remove()
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        logger.add(log_file, level=level, format=_FORMAT, filter=_keep, backtrace=False, diagnose=False)
+    else:
+        logger.add(
+            sys.stderr,
+            level=level,
+            format=_FORMAT,
+            filter=_keep,
+            backtrace=False,
+            diagnose=False,
+            colorize=False,
+        )
+    stdlib_level = {"TRACE": "DEBUG", "SUCCESS": "INFO"}.get(level, level)
+    logging.basicConfig(handlers=[_InterceptHandler()], level=stdlib_level, force=True)
+
+
+@contextmanager
+def quiet(level: str) -> Iterator[None]:
+    """Drop this package's log records at ``level`` and below while the block runs."""
+    threshold = logger.level(level).no
+
+    def keep(record: Record) -> bool:
+        name = record["name"] or ""
+        return record["level"].no > threshold or not name.startswith("task_orchestrator_mcp")
+
+    _filters.append(keep)
+    try:
+        yield
+    finally:
+        _filters.remove(keep)

@@ -1,0 +1,526 @@
+"""The task service: every rule of the queue (state machine, leases, ownership, input limits).
+
+One transaction per operation. Tools call this; it calls the repository; it never sees SQL or MCP.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import os
+import posixpath
+import secrets
+import socket
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from loguru import logger
+
+from task_orchestrator_mcp.db.engine import Database
+from task_orchestrator_mcp.db.repository import PRIORITY_RANK, ListFilter, TaskRepository
+from task_orchestrator_mcp.errors import InvalidInput, InvalidTransition, NotLeaseHolder, TaskNotFound
+from task_orchestrator_mcp.models import (
+    Priority,
+    Task,
+    TaskPage,
+    TaskResult,
+    TaskStatus,
+    TaskWithHistory,
+)
+
+Clock = Callable[[], datetime]
+
+MAX_LIST_LIMIT = 200
+MAX_ATTEMPTS_LIMIT = 100
+MAX_LEASE_SECONDS = 7 * 86_400
+MAX_TAGS = 32
+MAX_TAG_CHARS = 64
+MAX_DIRECTORY_CHARS = 4096
+MAX_ID_CHARS = 256
+MAX_JSON_DEPTH = 64
+LIST_PROMPT_CHARS = 200
+# Leases recovered per acquire: bounds the work one call can be asked to do.
+EXPIRY_BATCH = 100
+
+
+def utc_now() -> datetime:
+    """The real clock: timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+def default_worker_id() -> str:
+    """An id for this server process: host, pid and a random suffix (pids are reused)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class TaskService:
+    """The queue's operations. Thread-safe: each call runs its own transaction."""
+
+    def __init__(
+        self,
+        database: Database,
+        *,
+        clock: Clock = utc_now,
+        worker_id: str | None = None,
+        max_payload_bytes: int = 1024 * 1024,
+        default_lease_seconds: int = 900,
+    ) -> None:
+        self._db = database
+        self._clock = clock
+        self.worker_id = worker_id or default_worker_id()
+        self._max_payload = max_payload_bytes
+        self._default_lease = default_lease_seconds
+
+    # -- planner side -------------------------------------------------------------------------------
+
+    def create_task(
+        self,
+        work_directory: str,
+        prompt: str,
+        priority: Priority | str = Priority.MEDIUM,
+        tags: Sequence[str] = (),
+        max_attempts: int = 3,
+    ) -> Task:
+        """Queue a new pending task."""
+        directory = normalise_directory(work_directory)
+        prompt = self._check_text(prompt, "prompt")
+        prio = _priority(priority)
+        clean_tags = _tags(tags)
+        max_attempts = _int_in_range(max_attempts, "max_attempts", 1, MAX_ATTEMPTS_LIMIT)
+        now = self._now()
+        task_id = _new_task_id(now)
+        with self._db.write() as conn:
+            repo = TaskRepository(conn)
+            task = repo.insert_task(
+                {
+                    "id": task_id,
+                    "work_directory": directory,
+                    "prompt": prompt,
+                    "priority": PRIORITY_RANK[prio],
+                    "tags": clean_tags,
+                    "status": TaskStatus.PENDING.value,
+                    "worker_id": None,
+                    "attempts": 0,
+                    "max_attempts": max_attempts,
+                    "result": None,
+                    "error": None,
+                    "created_at": now,
+                    "updated_at": now,
+                    "started_at": None,
+                    "completed_at": None,
+                    "lease_expires_at": None,
+                    "lease_seconds": None,
+                }
+            )
+            repo.add_history(task_id, None, TaskStatus.PENDING, None, now)
+        logger.debug("created task {} in {}", task_id, directory)
+        return task
+
+    def cancel_task(self, task_id: str, reason: str | None = None) -> Task:
+        """Cancel a pending or in-progress task; a finished task cannot be cancelled."""
+        task_id = _task_id(task_id)
+        if reason is not None:
+            reason = self._check_text(reason, "reason", allow_empty=True)
+        now = self._now()
+        with self._db.write() as conn:
+            repo = TaskRepository(conn)
+            task = _found(repo.get(task_id, for_update=True), task_id)
+            if task.status.is_final:
+                raise InvalidTransition(
+                    f"Task {task_id} is already {task.status.value}; only pending or in_progress tasks "
+                    "can be cancelled."
+                )
+            updated = repo.update_task(
+                task_id,
+                {
+                    "status": TaskStatus.CANCELLED.value,
+                    "updated_at": now,
+                    "completed_at": now,
+                    "lease_expires_at": None,
+                    "error": reason,
+                },
+            )
+            repo.add_history(
+                task_id,
+                task.status,
+                TaskStatus.CANCELLED,
+                task.worker_id,
+                now,
+                None if reason is None else {"reason": reason},
+            )
+        return updated
+
+    # -- worker side --------------------------------------------------------------------------------
+
+    def acquire_task(
+        self, work_directory: str, worker_id: str | None = None, lease_seconds: int | None = None
+    ) -> Task | None:
+        """Claim the highest-priority, oldest pending task of a directory, or None if there is none.
+
+        Tasks whose lease expired are first returned to the queue (or failed for good when they used
+        up their attempts), so work held by a dead agent comes back.
+        """
+        directory = normalise_directory(work_directory)
+        worker = self._worker(worker_id)
+        lease = self._lease(lease_seconds)
+        now = self._now()
+        with self._db.write() as conn:
+            repo = TaskRepository(conn)
+            self._recover_expired(repo, now)
+            task = repo.claim_next(directory, worker, now, now + timedelta(seconds=lease), lease)
+            if task is not None:
+                repo.add_history(
+                    task.task_id,
+                    TaskStatus.PENDING,
+                    TaskStatus.IN_PROGRESS,
+                    worker,
+                    now,
+                    {"attempt": task.attempts, "lease_seconds": lease},
+                )
+        return task
+
+    def heartbeat_task(
+        self, task_id: str, worker_id: str | None = None, lease_seconds: int | None = None
+    ) -> Task:
+        """Extend the holder's lease by ``lease_seconds`` from now (default: the last lease length)."""
+        task_id = _task_id(task_id)
+        worker = self._worker(worker_id)
+        lease = None if lease_seconds is None else self._lease(lease_seconds)
+        now = self._now()
+        with self._db.write() as conn:
+            repo = TaskRepository(conn)
+            self._held(repo, task_id, worker, "heartbeat")
+            lease = lease or repo.lease_seconds(task_id) or self._default_lease
+            return repo.update_task(
+                task_id,
+                {
+                    "lease_expires_at": now + timedelta(seconds=lease),
+                    "lease_seconds": lease,
+                    "updated_at": now,
+                },
+            )
+
+    def complete_task(self, task_id: str, result: TaskResult, worker_id: str | None = None) -> Task:
+        """Finish a held task with its result."""
+        task_id = _task_id(task_id)
+        worker = self._worker(worker_id)
+        result = self._check_result(result)
+        now = self._now()
+        with self._db.write() as conn:
+            repo = TaskRepository(conn)
+            self._held(repo, task_id, worker, "complete")
+            updated = repo.update_task(
+                task_id,
+                {
+                    "status": TaskStatus.COMPLETED.value,
+                    "result": result,
+                    "updated_at": now,
+                    "completed_at": now,
+                    "lease_expires_at": None,
+                },
+            )
+            repo.add_history(task_id, TaskStatus.IN_PROGRESS, TaskStatus.COMPLETED, worker, now)
+        return updated
+
+    def fail_task(self, task_id: str, error: str, worker_id: str | None = None, retry: bool = True) -> Task:
+        """Report a failure: back to pending while attempts remain and ``retry`` is true, else failed."""
+        task_id = _task_id(task_id)
+        worker = self._worker(worker_id)
+        error = self._check_text(error, "error")
+        if not isinstance(retry, bool):
+            raise InvalidInput("retry must be true or false.")
+        now = self._now()
+        with self._db.write() as conn:
+            repo = TaskRepository(conn)
+            task = self._held(repo, task_id, worker, "fail")
+            again = retry and task.attempts < task.max_attempts
+            to = TaskStatus.PENDING if again else TaskStatus.FAILED
+            updated = repo.update_task(task_id, _release(to, now, error))
+            repo.add_history(
+                task_id, TaskStatus.IN_PROGRESS, to, worker, now, {"error": _clip(error), "retry": again}
+            )
+        return updated
+
+    # -- reads --------------------------------------------------------------------------------------
+
+    def get_task(self, task_id: str) -> TaskWithHistory:
+        """A task and its full history."""
+        task_id = _task_id(task_id)
+        with self._db.read() as conn:
+            repo = TaskRepository(conn)
+            task = _found(repo.get(task_id), task_id)
+            history = repo.history(task_id)
+        return TaskWithHistory(**task.model_dump(), history=history)
+
+    def list_tasks(
+        self,
+        work_directory: str | None = None,
+        status: TaskStatus | str | None = None,
+        tags: Sequence[str] | None = None,
+        priority: Priority | str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> TaskPage:
+        """A page of tasks in creation order, filtered; pass ``next_cursor`` back for the next page."""
+        flt = ListFilter(
+            work_directory=None if work_directory is None else normalise_directory(work_directory),
+            status=None if status is None else _status(status),
+            priority=None if priority is None else _priority(priority),
+            tags=_tags(tags or ()),
+        )
+        limit = _int_in_range(limit, "limit", 1, MAX_LIST_LIMIT)
+        after = None if cursor is None else _decode_cursor(cursor)
+        with self._db.read() as conn:
+            rows = TaskRepository(conn).list_page(flt, after, limit + 1, LIST_PROMPT_CHARS)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        next_cursor = _encode_cursor(rows[-1].created_at, rows[-1].task_id) if more else None
+        return TaskPage(tasks=rows, next_cursor=next_cursor)
+
+    # -- rules --------------------------------------------------------------------------------------
+
+    def _recover_expired(self, repo: TaskRepository, now: datetime) -> None:
+        for task in repo.expired_leases(now, EXPIRY_BATCH):
+            again = task.attempts < task.max_attempts
+            to = TaskStatus.PENDING if again else TaskStatus.FAILED
+            error = None if again else f"Lease expired on attempt {task.attempts} of {task.max_attempts}."
+            repo.update_task(task.task_id, _release(to, now, error))
+            repo.add_history(
+                task.task_id,
+                TaskStatus.IN_PROGRESS,
+                to,
+                task.worker_id,
+                now,
+                {"reason": "lease_expired", "lease_expired_at": _iso(task.lease_expires_at)},
+            )
+            logger.info("lease of {} on task {} expired -> {}", task.worker_id, task.task_id, to.value)
+
+    def _held(self, repo: TaskRepository, task_id: str, worker: str, action: str) -> Task:
+        """The task, locked, if ``worker`` holds it; otherwise a refusal that says why."""
+        task = _found(repo.get(task_id, for_update=True), task_id)
+        if task.status is TaskStatus.IN_PROGRESS and task.worker_id == worker:
+            return task
+        if task.status is TaskStatus.IN_PROGRESS:
+            raise NotLeaseHolder(
+                f"Cannot {action} task {task_id}: it is held by worker {task.worker_id!r}, not {worker!r}. "
+                "Your lease may have expired and the task been claimed again; drop this task."
+            )
+        if task.status is TaskStatus.PENDING:
+            raise NotLeaseHolder(
+                f"Cannot {action} task {task_id}: it is pending, not held by anyone"
+                + (" (your lease expired and it went back to the queue)" if task.attempts else "")
+                + ". Acquire a task first."
+            )
+        raise InvalidTransition(f"Cannot {action} task {task_id}: it is already {task.status.value}.")
+
+    def _now(self) -> datetime:
+        now = self._clock()
+        if now.tzinfo is None:
+            raise ValueError("the clock must return timezone-aware datetimes")
+        return now.astimezone(UTC)
+
+    def _worker(self, worker_id: str | None) -> str:
+        if worker_id is None:
+            return self.worker_id
+        return _short_text(worker_id, "worker_id", MAX_ID_CHARS)
+
+    def _lease(self, lease_seconds: int | None) -> int:
+        if lease_seconds is None:
+            return self._default_lease
+        return _int_in_range(lease_seconds, "lease_seconds", 1, MAX_LEASE_SECONDS)
+
+    def _check_text(self, value: str, name: str, *, allow_empty: bool = False) -> str:
+        if not isinstance(value, str):
+            raise InvalidInput(f"{name} must be a string.")
+        if not allow_empty and not value.strip():
+            raise InvalidInput(f"{name} must not be empty or only whitespace.")
+        size = len(_utf8(value, name))
+        if size > self._max_payload:
+            raise InvalidInput(f"{name} is {size} bytes; the limit is {self._max_payload} bytes.")
+        if "\x00" in value:
+            raise InvalidInput(f"{name} must not contain NUL (\\u0000) characters.")
+        return value
+
+    def _check_result(self, result: TaskResult) -> TaskResult:
+        if isinstance(result, str):
+            return self._check_text(result, "result", allow_empty=True)
+        if not isinstance(result, dict):
+            raise InvalidInput("result must be a JSON object or a string.")
+        _check_json(result)
+        try:
+            encoded = json.dumps(result, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        except (ValueError, TypeError) as exc:
+            raise InvalidInput(f"result is not valid JSON: {exc}.") from None
+        size = len(_utf8(encoded, "result"))
+        if size > self._max_payload:
+            raise InvalidInput(f"result is {size} bytes as JSON; the limit is {self._max_payload} bytes.")
+        return result
+
+
+# -- pure helpers (rules on values) ---------------------------------------------------------------
+
+
+def normalise_directory(path: str) -> str:
+    """An absolute directory, normalised lexically (``/a/./b/`` -> ``/a/b``); the disk is not read."""
+    if not isinstance(path, str) or not path.strip():
+        raise InvalidInput("work_directory must be a non-empty absolute path, e.g. /home/me/project.")
+    _utf8(path, "work_directory")
+    if "\x00" in path:
+        raise InvalidInput("work_directory must not contain NUL characters.")
+    if len(path) > MAX_DIRECTORY_CHARS:
+        raise InvalidInput(f"work_directory is longer than {MAX_DIRECTORY_CHARS} characters.")
+    if not path.startswith("/"):
+        raise InvalidInput(f"work_directory must be absolute (start with /); got {_clip(path, 80)!r}.")
+    normal = posixpath.normpath(path)
+    # POSIX keeps a leading '//' as implementation-defined; treat it as '/'.
+    return "/" + normal.lstrip("/")
+
+
+def _utf8(value: str, name: str) -> bytes:
+    try:
+        return value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput(f"{name} is not valid Unicode (it contains a lone surrogate).") from None
+
+
+def _short_text(value: object, name: str, max_chars: int) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidInput(f"{name} must be a non-empty string.")
+    if len(value) > max_chars:
+        raise InvalidInput(f"{name} is longer than {max_chars} characters.")
+    if "\x00" in value:
+        raise InvalidInput(f"{name} must not contain NUL characters.")
+    _utf8(value, name)
+    return value
+
+
+def _task_id(task_id: object) -> str:
+    return _short_text(task_id, "task_id", MAX_ID_CHARS)
+
+
+def _int_in_range(value: object, name: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(f"{name} must be a whole number from {low} to {high}.")
+    if not low <= value <= high:
+        raise InvalidInput(f"{name} must be from {low} to {high}; got {value}.")
+    return value
+
+
+def _priority(value: Priority | str) -> Priority:
+    try:
+        return Priority(value)
+    except ValueError:
+        raise InvalidInput(
+            f"priority must be one of high, medium, low; got {_clip(str(value), 40)!r}."
+        ) from None
+
+
+def _status(value: TaskStatus | str) -> TaskStatus:
+    try:
+        return TaskStatus(value)
+    except ValueError:
+        names = ", ".join(s.value for s in TaskStatus)
+        raise InvalidInput(f"status must be one of {names}; got {_clip(str(value), 40)!r}.") from None
+
+
+def _tags(tags: Sequence[str]) -> list[str]:
+    if isinstance(tags, str):
+        raise InvalidInput('tags must be a list of strings, e.g. ["backend", "urgent"].')
+    clean: list[str] = []
+    for raw in tags:
+        tag = _short_text(raw, "each tag", MAX_TAG_CHARS).strip()
+        if tag not in clean:
+            clean.append(tag)
+    if len(clean) > MAX_TAGS:
+        raise InvalidInput(f"at most {MAX_TAGS} tags are allowed; got {len(clean)}.")
+    return clean
+
+
+def _check_json(value: Any) -> None:  # noqa: PLR0912 - one flat type switch reads best
+    """Reject what the engines would store differently: NUL, lone surrogates, NaN, huge ints, depth."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidInput(f"result nests deeper than {MAX_JSON_DEPTH} levels.")
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if not isinstance(key, str):
+                    raise InvalidInput("result object keys must be strings.")
+                _json_string(key)
+                stack.append((child, depth + 1))
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
+        elif isinstance(item, str):
+            _json_string(item)
+        elif isinstance(item, bool) or item is None:
+            continue
+        elif isinstance(item, int):
+            if not -(2**63) <= item < 2**63:
+                raise InvalidInput("result numbers must fit in 64 bits.")
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                raise InvalidInput("result numbers must be finite (no NaN or Infinity).")
+        else:
+            raise InvalidInput("result must contain only JSON values.")
+
+
+def _json_string(value: str) -> None:
+    if "\x00" in value:
+        raise InvalidInput("result must not contain NUL (\\u0000) characters.")
+    _utf8(value, "result")
+
+
+def _found(task: Task | None, task_id: str) -> Task:
+    if task is None:
+        raise TaskNotFound(task_id)
+    return task
+
+
+def _release(to: TaskStatus, now: datetime, error: str | None) -> dict[str, Any]:
+    """Column values for a task leaving in_progress for pending (retry) or failed (final).
+
+    A pending task has no holder; a failed one keeps the worker it failed with.
+    """
+    values: dict[str, Any] = {"status": to.value, "error": error, "updated_at": now, "lease_expires_at": None}
+    if to is TaskStatus.FAILED:
+        values["completed_at"] = now
+    else:
+        values["worker_id"] = None
+    return values
+
+
+def _new_task_id(now: datetime) -> str:
+    # Milliseconds first so ids sort roughly by creation; 64 random bits make collisions negligible.
+    return f"{int(now.timestamp() * 1000):012x}{secrets.token_hex(8)}"
+
+
+def _encode_cursor(created_at: datetime, task_id: str) -> str:
+    raw = json.dumps([created_at.isoformat(), task_id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    bad = InvalidInput("cursor is not valid; pass the next_cursor of a previous list_tasks call unchanged.")
+    if not isinstance(cursor, str) or not cursor or len(cursor) > 512:
+        raise bad
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_text, task_id = json.loads(raw)
+        created = datetime.fromisoformat(created_text)
+    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError):
+        raise bad from None
+    if created.tzinfo is None or not isinstance(task_id, str) or "\x00" in task_id:
+        raise bad
+    return created, task_id
+
+
+def _clip(text: str, limit: int = 500) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()

@@ -1,0 +1,67 @@
+"""Configuration: ``TASK_ORCHESTRATOR_*`` environment variables (each also a CLI flag), validated once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LogLevel = Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"]
+MIB = 1024 * 1024
+
+
+def default_database_url() -> str:
+    """The embedded default: ``tasks.db`` in the user's data directory (created on first use)."""
+    from platformdirs import user_data_path
+
+    return f"sqlite:///{user_data_path('task-orchestrator-mcp', appauthor=False) / 'tasks.db'}"
+
+
+class Settings(BaseSettings):
+    """Everything the server can be told; invalid values stop it at start."""
+
+    model_config = SettingsConfigDict(env_prefix="TASK_ORCHESTRATOR_", extra="ignore", frozen=True)
+
+    database_url: str = Field(
+        default_factory=default_database_url,
+        description="SQLAlchemy URL: sqlite:///path/tasks.db or postgresql+psycopg://user@host/db",
+    )
+    log_level: LogLevel = "INFO"
+    log_file: Path | None = None
+    sqlite_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = Field(
+        default="FULL", description="FULL: an acknowledged write survives power loss."
+    )
+    busy_timeout_ms: int = Field(default=30_000, ge=0, le=600_000)
+    max_payload_bytes: int = Field(default=MIB, ge=1024, le=256 * MIB)
+    default_lease_seconds: int = Field(default=900, ge=1, le=7 * 86_400)
+    worker_id: str | None = Field(default=None, description="This server's default worker id.")
+
+    @field_validator("log_level", "sqlite_synchronous", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            url = make_url(value)
+        except ArgumentError:
+            raise ValueError(
+                "not a database URL; use sqlite:///path/to/tasks.db or postgresql+psycopg://user@host/db"
+            ) from None
+        if url.get_backend_name() not in ("sqlite", "postgresql"):
+            raise ValueError(f"unsupported database {url.get_backend_name()!r}; use sqlite or postgresql")
+        if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+            raise ValueError("an in-memory SQLite database cannot be shared; give a file path")
+        return value
+
+    @property
+    def is_sqlite(self) -> bool:
+        """True when the database is an SQLite file."""
+        return self.database_url.startswith("sqlite")

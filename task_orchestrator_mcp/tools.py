@@ -1,0 +1,157 @@
+"""The MCP tools: thin handlers that validate through the service and turn domain errors into ToolError.
+
+Descriptions are read by a model on every call: short, exact, with the contract only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any
+
+from loguru import logger
+from mcp.server.mcpserver import Context
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import ToolAnnotations
+from pydantic import Field
+
+from task_orchestrator_mcp.errors import TaskOrchestratorError
+from task_orchestrator_mcp.models import (
+    AcquireResult,
+    PriorityName,
+    StatusName,
+    Task,
+    TaskPage,
+    TaskWithHistory,
+)
+from task_orchestrator_mcp.service import TaskService
+
+if TYPE_CHECKING:
+    from mcp.server import MCPServer
+
+
+@dataclass(frozen=True, slots=True)
+class AppState:
+    """What every tool call can reach (the server's lifespan context): the task service."""
+
+    service: TaskService
+
+
+READ = ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False)
+
+
+def _write(*, idempotent: bool = False, destructive: bool = False) -> ToolAnnotations:
+    return ToolAnnotations(
+        read_only_hint=False, destructive_hint=destructive, idempotent_hint=idempotent, open_world_hint=False
+    )
+
+
+WorkDir = Annotated[str, Field(description="Absolute path, e.g. /home/me/repo.")]
+WorkerId = Annotated[str | None, Field(description="Defaults to this server's own worker id.")]
+
+
+@contextmanager
+def _tool_errors(tool: str) -> Iterator[None]:
+    """Domain errors reach the agent as their sentence; anything else as a generic line (and a log)."""
+    try:
+        yield
+    except TaskOrchestratorError as exc:
+        raise ToolError(str(exc)) from exc
+    except Exception as exc:
+        logger.exception("unexpected error in {}", tool)
+        raise ToolError("Internal error in task-orchestrator; the server's log has the details.") from exc
+
+
+def _service(ctx: Context[AppState]) -> TaskService:
+    return ctx.request_context.lifespan_context.service
+
+
+def register_tools(server: MCPServer[AppState]) -> None:
+    """Add the task tools to ``server``."""
+
+    @server.tool(annotations=_write())
+    def create_task(
+        work_directory: WorkDir,
+        prompt: str,
+        ctx: Context[AppState],
+        priority: PriorityName = "medium",
+        tags: list[str] | None = None,
+        max_attempts: Annotated[int, Field(description="Claims allowed before it fails for good.")] = 3,
+    ) -> Task:
+        """Queue a task: a prompt for an agent to carry out in work_directory."""
+        with _tool_errors("create_task"):
+            return _service(ctx).create_task(work_directory, prompt, priority, tags or [], max_attempts)
+
+    @server.tool(annotations=_write())
+    def acquire_task(
+        work_directory: WorkDir,
+        ctx: Context[AppState],
+        worker_id: WorkerId = None,
+        lease_seconds: Annotated[int, Field(description="Heartbeat before it ends.")] = 900,
+    ) -> AcquireResult:
+        """Claim the next task for work_directory (high priority first, then oldest), exclusively.
+        Returns {"task": null} when none is pending."""
+        with _tool_errors("acquire_task"):
+            return AcquireResult(task=_service(ctx).acquire_task(work_directory, worker_id, lease_seconds))
+
+    @server.tool(annotations=_write(idempotent=True))
+    def heartbeat_task(
+        task_id: str,
+        ctx: Context[AppState],
+        worker_id: WorkerId = None,
+        lease_seconds: Annotated[int | None, Field(description="Default: the last lease length.")] = None,
+    ) -> Task:
+        """Extend your lease on a task you hold, from now."""
+        with _tool_errors("heartbeat_task"):
+            return _service(ctx).heartbeat_task(task_id, worker_id, lease_seconds)
+
+    @server.tool(annotations=_write())
+    def complete_task(
+        task_id: str,
+        result: Annotated[dict[str, Any] | str, Field(description="A JSON object or a string.")],
+        ctx: Context[AppState],
+        worker_id: WorkerId = None,
+    ) -> Task:
+        """Mark a task you hold completed, with its result."""
+        with _tool_errors("complete_task"):
+            return _service(ctx).complete_task(task_id, result, worker_id)
+
+    @server.tool(annotations=_write())
+    def fail_task(
+        task_id: str,
+        error: str,
+        ctx: Context[AppState],
+        worker_id: WorkerId = None,
+        retry: Annotated[bool, Field(description="False: fail for good now.")] = True,
+    ) -> Task:
+        """Report that a task you hold failed. It returns to pending while attempts remain and retry is
+        true; otherwise it is failed for good."""
+        with _tool_errors("fail_task"):
+            return _service(ctx).fail_task(task_id, error, worker_id, retry)
+
+    @server.tool(annotations=_write(destructive=True))
+    def cancel_task(task_id: str, ctx: Context[AppState], reason: str | None = None) -> Task:
+        """Cancel a pending or in_progress task."""
+        with _tool_errors("cancel_task"):
+            return _service(ctx).cancel_task(task_id, reason)
+
+    @server.tool(annotations=READ)
+    def get_task(task_id: str, ctx: Context[AppState]) -> TaskWithHistory:
+        """A task in full (prompt, result, error) with its status history."""
+        with _tool_errors("get_task"):
+            return _service(ctx).get_task(task_id)
+
+    @server.tool(annotations=READ)
+    def list_tasks(
+        ctx: Context[AppState],
+        work_directory: str | None = None,
+        status: StatusName | None = None,
+        tags: Annotated[list[str] | None, Field(description="Tasks having all of these tags.")] = None,
+        priority: PriorityName | None = None,
+        limit: Annotated[int, Field(description="1 to 200.")] = 50,
+        cursor: Annotated[str | None, Field(description="next_cursor of the previous page.")] = None,
+    ) -> TaskPage:
+        """List tasks oldest first, filtered. Prompts are cut to 200 characters; get_task has the rest."""
+        with _tool_errors("list_tasks"):
+            return _service(ctx).list_tasks(work_directory, status, tags, priority, limit, cursor)
