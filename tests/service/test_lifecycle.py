@@ -1,0 +1,222 @@
+"""The queue's rules, on the real service and a real database (both engines)."""
+
+from __future__ import annotations
+
+import pytest
+
+from task_orchestrator_mcp.errors import InvalidTransition, NotLeaseHolder, TaskNotFound
+from task_orchestrator_mcp.models import Priority, TaskStatus
+from task_orchestrator_mcp.service import TaskService
+from tests.support import FakeClock
+
+DIR = "/work/project"
+
+
+def test_create_returns_pending_task_with_normalised_directory(service: TaskService) -> None:
+    task = service.create_task("/work/./project/", "write the tests", "high", ["py", "py", "ci"], 5)
+    assert task.work_directory == DIR
+    assert task.status is TaskStatus.PENDING
+    assert task.priority is Priority.HIGH
+    assert task.tags == ["py", "ci"]
+    assert (task.attempts, task.max_attempts) == (0, 5)
+    assert task.created_at.tzinfo is not None
+    assert task.worker_id is None
+
+
+def test_acquire_takes_highest_priority_then_oldest(service: TaskService, clock: FakeClock) -> None:
+    low = service.create_task(DIR, "low", "low")
+    clock.advance(1)
+    med_old = service.create_task(DIR, "medium old", "medium")
+    clock.advance(1)
+    high = service.create_task(DIR, "high", "high")
+    clock.advance(1)
+    med_new = service.create_task(DIR, "medium new", "medium")
+    service.create_task("/elsewhere", "other directory", "high")
+    order = [service.acquire_task(DIR, "w") for _ in range(5)]
+    assert [t.task_id if t else None for t in order] == [
+        high.task_id,
+        med_old.task_id,
+        med_new.task_id,
+        low.task_id,
+        None,
+    ]
+
+
+def test_acquire_sets_holder_lease_and_attempt(service: TaskService, clock: FakeClock) -> None:
+    service.create_task(DIR, "p")
+    task = service.acquire_task(DIR, "w1", lease_seconds=60)
+    assert task is not None
+    assert task.status is TaskStatus.IN_PROGRESS
+    assert task.worker_id == "w1"
+    assert task.attempts == 1
+    assert task.started_at == clock.now
+    assert task.lease_expires_at is not None
+    assert (task.lease_expires_at - clock.now).total_seconds() == 60
+
+
+def test_default_worker_id_is_the_services(service: TaskService) -> None:
+    service.create_task(DIR, "p")
+    task = service.acquire_task(DIR)
+    assert task is not None
+    assert task.worker_id == "worker-default"
+    done = service.complete_task(task.task_id, "ok")
+    assert done.status is TaskStatus.COMPLETED
+
+
+def test_complete_stores_result_and_history(service: TaskService, clock: FakeClock) -> None:
+    created = service.create_task(DIR, "p")
+    service.acquire_task(DIR, "w1")
+    clock.advance(5)
+    done = service.complete_task(created.task_id, {"files": ["a.py"], "n": 2, "nested": {"ok": True}}, "w1")
+    assert done.status is TaskStatus.COMPLETED
+    assert done.result == {"files": ["a.py"], "n": 2, "nested": {"ok": True}}
+    assert done.completed_at == clock.now
+    assert done.lease_expires_at is None
+    full = service.get_task(created.task_id)
+    assert [(h.from_status, h.to_status, h.worker_id) for h in full.history] == [
+        (None, TaskStatus.PENDING, None),
+        (TaskStatus.PENDING, TaskStatus.IN_PROGRESS, "w1"),
+        (TaskStatus.IN_PROGRESS, TaskStatus.COMPLETED, "w1"),
+    ]
+
+
+def test_string_result_round_trips(service: TaskService) -> None:
+    created = service.create_task(DIR, "p")
+    service.acquire_task(DIR, "w1")
+    service.complete_task(created.task_id, "all done ✓", "w1")
+    assert service.get_task(created.task_id).result == "all done ✓"
+
+
+def test_only_the_holder_may_heartbeat_complete_or_fail(service: TaskService) -> None:
+    created = service.create_task(DIR, "p")
+    service.acquire_task(DIR, "w1")
+    with pytest.raises(NotLeaseHolder, match="held by worker 'w1'"):
+        service.complete_task(created.task_id, "x", "w2")
+    with pytest.raises(NotLeaseHolder):
+        service.heartbeat_task(created.task_id, "w2")
+    with pytest.raises(NotLeaseHolder):
+        service.fail_task(created.task_id, "boom", "w2")
+    assert service.get_task(created.task_id).worker_id == "w1"
+
+
+def test_completing_twice_or_completing_pending_is_refused(service: TaskService) -> None:
+    created = service.create_task(DIR, "p")
+    with pytest.raises(NotLeaseHolder, match="pending"):
+        service.complete_task(created.task_id, "x", "w1")
+    service.acquire_task(DIR, "w1")
+    service.complete_task(created.task_id, "first", "w1")
+    with pytest.raises(InvalidTransition, match="already completed"):
+        service.complete_task(created.task_id, "second", "w1")
+    assert service.get_task(created.task_id).result == "first"
+
+
+def test_heartbeat_extends_lease_from_now(service: TaskService, clock: FakeClock) -> None:
+    created = service.create_task(DIR, "p")
+    service.acquire_task(DIR, "w1", lease_seconds=30)
+    clock.advance(20)
+    task = service.heartbeat_task(created.task_id, "w1")
+    assert task.lease_expires_at == clock.now + (task.lease_expires_at - clock.now)
+    assert task.lease_expires_at is not None
+    assert (task.lease_expires_at - clock.now).total_seconds() == 30  # the last lease length
+    task = service.heartbeat_task(created.task_id, "w1", lease_seconds=120)
+    assert task.lease_expires_at is not None
+    assert (task.lease_expires_at - clock.now).total_seconds() == 120
+
+
+def test_expired_lease_is_reclaimed_and_old_holder_fenced(service: TaskService, clock: FakeClock) -> None:
+    created = service.create_task(DIR, "p")
+    service.acquire_task(DIR, "w1", lease_seconds=10)
+    clock.advance(5)
+    assert service.acquire_task(DIR, "w2") is None  # lease still valid: not available
+    clock.advance(6)
+    again = service.acquire_task(DIR, "w2", lease_seconds=10)
+    assert again is not None
+    assert again.task_id == created.task_id
+    assert (again.worker_id, again.attempts) == ("w2", 2)
+    with pytest.raises(NotLeaseHolder, match="held by worker 'w2'"):
+        service.complete_task(created.task_id, "stale work", "w1")
+    with pytest.raises(NotLeaseHolder):
+        service.heartbeat_task(created.task_id, "w1")
+    done = service.complete_task(created.task_id, "fresh work", "w2")
+    assert done.result == "fresh work"
+    history = service.get_task(created.task_id).history
+    assert [(h.from_status, h.to_status, h.worker_id) for h in history] == [
+        (None, TaskStatus.PENDING, None),
+        (TaskStatus.PENDING, TaskStatus.IN_PROGRESS, "w1"),
+        (TaskStatus.IN_PROGRESS, TaskStatus.PENDING, "w1"),
+        (TaskStatus.PENDING, TaskStatus.IN_PROGRESS, "w2"),
+        (TaskStatus.IN_PROGRESS, TaskStatus.COMPLETED, "w2"),
+    ]
+    assert history[2].details is not None
+    assert history[2].details["reason"] == "lease_expired"
+
+
+def test_holder_with_expired_but_untaken_lease_may_still_finish(
+    service: TaskService, clock: FakeClock
+) -> None:
+    created = service.create_task(DIR, "p")
+    service.acquire_task(DIR, "w1", lease_seconds=10)
+    clock.advance(60)
+    assert (
+        service.complete_task(created.task_id, "late but nobody else took it", "w1").status
+        is TaskStatus.COMPLETED
+    )
+
+
+def test_lease_expiry_after_last_attempt_fails_the_task(service: TaskService, clock: FakeClock) -> None:
+    created = service.create_task(DIR, "p", max_attempts=2)
+    for worker in ("w1", "w2"):
+        assert service.acquire_task(DIR, worker, lease_seconds=10) is not None
+        clock.advance(11)
+    assert service.acquire_task(DIR, "w3") is None
+    task = service.get_task(created.task_id)
+    assert task.status is TaskStatus.FAILED
+    assert task.attempts == 2
+    assert task.error is not None
+    assert "Lease expired" in task.error
+
+
+def test_fail_retries_until_attempts_run_out(service: TaskService) -> None:
+    created = service.create_task(DIR, "p", max_attempts=2)
+    service.acquire_task(DIR, "w1")
+    first = service.fail_task(created.task_id, "flaky", "w1")
+    assert (first.status, first.worker_id, first.error) == (TaskStatus.PENDING, None, "flaky")
+    service.acquire_task(DIR, "w2")
+    second = service.fail_task(created.task_id, "flaky again", "w2")
+    assert second.status is TaskStatus.FAILED
+    assert second.worker_id == "w2"
+    assert second.completed_at is not None
+    assert service.acquire_task(DIR, "w3") is None
+
+
+def test_fail_without_retry_is_final(service: TaskService) -> None:
+    created = service.create_task(DIR, "p", max_attempts=5)
+    service.acquire_task(DIR, "w1")
+    assert service.fail_task(created.task_id, "hopeless", "w1", retry=False).status is TaskStatus.FAILED
+
+
+def test_cancel_pending_and_in_progress_but_not_final(service: TaskService) -> None:
+    pending = service.create_task(DIR, "a")
+    held = service.create_task(DIR, "b", "high")
+    service.acquire_task(DIR, "w1")
+    cancelled = service.cancel_task(held.task_id, "no longer needed")
+    assert cancelled.status is TaskStatus.CANCELLED
+    assert cancelled.error == "no longer needed"
+    with pytest.raises(InvalidTransition, match="cancelled"):
+        service.complete_task(held.task_id, "x", "w1")
+    assert service.cancel_task(pending.task_id).status is TaskStatus.CANCELLED
+    with pytest.raises(InvalidTransition, match="already cancelled"):
+        service.cancel_task(pending.task_id)
+    assert service.acquire_task(DIR, "w1") is None
+
+
+def test_unknown_task_ids(service: TaskService) -> None:
+    for call in (
+        lambda: service.get_task("nope"),
+        lambda: service.complete_task("nope", "x"),
+        lambda: service.fail_task("nope", "x"),
+        lambda: service.heartbeat_task("nope"),
+        lambda: service.cancel_task("nope"),
+    ):
+        with pytest.raises(TaskNotFound, match="No task with id 'nope'"):
+            call()

@@ -1,0 +1,86 @@
+"""Shared test helpers: a controllable clock, database URLs for both engines, the real server spawned."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from mcp import StdioServerParameters
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+POSTGRES_ENV = "TASK_ORCHESTRATOR_TEST_POSTGRES_URL"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class FakeClock:
+    """A clock the test moves by hand; starts at a fixed UTC instant."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self.now = start or datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        """Move time forward."""
+        self.now += timedelta(seconds=seconds)
+
+
+def postgres_admin_url() -> str | None:
+    """The PostgreSQL URL the tests may create databases through, or None when not configured."""
+    return os.environ.get(POSTGRES_ENV) or None
+
+
+@contextmanager
+def fresh_postgres_database(admin_url: str) -> Iterator[str]:
+    """Create an empty database for one test (or run) and drop it afterwards; yields its URL."""
+    name = f"tom_test_{secrets.token_hex(6)}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def server_env(database_url: str, **extra: str) -> dict[str, str]:
+    """The environment for a spawned server: explicit, as MCP clients pass it."""
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": os.environ.get("HOME", "/tmp"),
+        "TASK_ORCHESTRATOR_DATABASE_URL": database_url,
+        "TASK_ORCHESTRATOR_LOG_LEVEL": "WARNING",
+    }
+    env.update(extra)
+    return env
+
+
+def server_params(database_url: str, **extra: str) -> StdioServerParameters:
+    """Parameters that spawn the real server (``python -m task_orchestrator_mcp``) over stdio."""
+    return StdioServerParameters(
+        command=sys.executable, args=["-m", "task_orchestrator_mcp"], env=server_env(database_url, **extra)
+    )
+
+
+def structured(result: Any) -> dict[str, Any]:
+    """The structured content of a successful tool call (fails the test on isError)."""
+    assert not result.is_error, result.content
+    content: dict[str, Any] = result.structured_content
+    return content
+
+
+def error_text(result: Any) -> str:
+    """The message of a failed tool call (fails the test if the call succeeded)."""
+    assert result.is_error, result.structured_content
+    return " ".join(getattr(block, "text", "") for block in result.content)
