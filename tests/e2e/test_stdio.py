@@ -1,0 +1,183 @@
+"""The real server process over stdio: the SDK client end to end, a clean stdout, and the CLI's errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mcp import Client
+
+from tests.support import server_env, server_params, structured
+
+INIT = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-06-18",
+        "capabilities": {},
+        "clientInfo": {"name": "t", "version": "1"},
+    },
+}
+
+
+def _rpc(id_: int, method: str, params: dict[str, Any] | None = None) -> str:
+    message: dict[str, Any] = {"jsonrpc": "2.0", "id": id_, "method": method}
+    if params is not None:
+        message["params"] = params
+    return json.dumps(message)
+
+
+@pytest.mark.anyio
+async def test_worker_loop_over_stdio(database_url: str) -> None:
+    async with Client(server_params(database_url), mode="legacy") as client:
+        tools = {t.name for t in (await client.list_tools()).tools}
+        assert "acquire_task" in tools
+        created = structured(
+            await client.call_tool(
+                "create_task", {"work_directory": "/repo", "prompt": "ship it", "priority": "high"}
+            )
+        )
+        acquired = structured(await client.call_tool("acquire_task", {"work_directory": "/repo"}))["task"]
+        assert acquired["task_id"] == created["task_id"]
+        # The default worker id is this server process's own.
+        assert acquired["worker_id"]
+        done = structured(
+            await client.call_tool("complete_task", {"task_id": created["task_id"], "result": {"ok": True}})
+        )
+        assert done["status"] == "completed"
+    # A second, separate server process sees the same durable state.
+    async with Client(server_params(database_url), mode="legacy") as client:
+        again = structured(await client.call_tool("get_task", {"task_id": created["task_id"]}))
+        assert again["result"] == {"ok": True}
+        assert [h["to_status"] for h in again["history"]] == ["pending", "in_progress", "completed"]
+
+
+@pytest.mark.parametrize("level", ["TRACE", "DEBUG", "INFO"])
+def test_stdout_carries_only_json_rpc_at_every_log_level(tmp_path: Path, level: str) -> None:
+    # A fresh database, so the migration (and its Alembic logging) runs in this very process.
+    url = f"sqlite:///{tmp_path / 'new' / 'tasks.db'}"
+    calls = [
+        json.dumps(INIT),
+        json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+        _rpc(2, "tools/list"),
+        _rpc(3, "tools/call", {"name": "create_task", "arguments": {"work_directory": "/x", "prompt": "p"}}),
+        _rpc(4, "tools/call", {"name": "create_task", "arguments": {"work_directory": "x", "prompt": "p"}}),
+        _rpc(5, "tools/call", {"name": "acquire_task", "arguments": {"work_directory": "/x"}}),
+    ]
+    # stderr to a file: a full stderr pipe nobody reads would block the server.
+    err_path = tmp_path / "stderr.txt"
+    with err_path.open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "task_orchestrator_mcp"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env=server_env(url, TASK_ORCHESTRATOR_LOG_LEVEL=level),
+        )
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    watchdog = threading.Timer(60, proc.kill)  # a hung server fails the test instead of hanging it
+    watchdog.start()
+    try:
+        proc.stdin.write("\n".join(calls) + "\n")
+        proc.stdin.flush()
+        # Keep stdin open until every answer is in: closing it ends the session (and cancels calls).
+        lines = [proc.stdout.readline() for _ in range(5)]
+        proc.stdin.close()
+        rest = proc.stdout.read()
+        proc.wait()
+    finally:
+        watchdog.cancel()
+        proc.stdout.close()
+    stderr = err_path.read_text()
+    assert proc.returncode == 0, stderr
+    assert rest == ""
+    messages = [json.loads(line) for line in lines]
+    assert all(m.get("jsonrpc") == "2.0" for m in messages)
+    assert sorted(m["id"] for m in messages) == [1, 2, 3, 4, 5]
+    by_id = {m["id"]: m for m in messages}
+    assert by_id[4]["result"]["isError"] is True
+    assert by_id[5]["result"]["structuredContent"]["task"]["prompt"] == "p"
+    assert stderr.strip(), "logs belong on stderr"
+
+
+def _run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "task_orchestrator_mcp", *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra_env", "args", "expected"),
+    [
+        ({"TASK_ORCHESTRATOR_LOG_LEVEL": "LOUD"}, [], "invalid setting TASK_ORCHESTRATOR_LOG_LEVEL"),
+        ({"TASK_ORCHESTRATOR_DATABASE_URL": "mysql://h/db"}, [], "unsupported database 'mysql'"),
+        ({"TASK_ORCHESTRATOR_DATABASE_URL": "not a url"}, [], "not a database URL"),
+        (
+            {"TASK_ORCHESTRATOR_MAX_PAYLOAD_BYTES": "-1"},
+            [],
+            "invalid setting TASK_ORCHESTRATOR_MAX_PAYLOAD_BYTES",
+        ),
+        ({}, ["--log-level", "chatty"], "invalid setting TASK_ORCHESTRATOR_LOG_LEVEL"),
+    ],
+)
+def test_invalid_settings_stop_with_one_line(
+    tmp_path: Path, extra_env: dict[str, str], args: list[str], expected: str
+) -> None:
+    env = server_env(f"sqlite:///{tmp_path / 't.db'}")
+    env.update(extra_env)
+    proc = _run_cli(*args, env=env)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert expected in proc.stderr
+    assert not (tmp_path / "t.db").exists()
+
+
+def test_unusable_database_path_stops_with_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    proc = _run_cli(env=server_env(f"sqlite:///{blocker / 'tasks.db'}"))
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "cannot use the database" in proc.stderr
+
+
+def test_flags_override_environment_and_log_file(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'flag.db'}"
+    log = tmp_path / "logs" / "server.log"
+    env = server_env("sqlite:////nonexistent-dir/should-not-be-used.db", TASK_ORCHESTRATOR_LOG_LEVEL="DEBUG")
+    proc = subprocess.run(
+        [sys.executable, "-m", "task_orchestrator_mcp", "--database-url", url, "--log-file", str(log)],
+        input=json.dumps(INIT) + "\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.splitlines()[0])["result"]["serverInfo"]["name"] == "task-orchestrator"
+    assert (tmp_path / "flag.db").exists()
+    assert "serving MCP on stdio" in log.read_text()
+    assert proc.stderr == ""
+
+
+def test_version_flag() -> None:
+    proc = _run_cli("--version", env=server_env("sqlite:////tmp/unused.db"))
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("task-orchestrator-mcp ")
