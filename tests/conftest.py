@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,9 +26,11 @@ def anyio_backend() -> str:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip PostgreSQL tests, with the reason, when no test server is configured."""
+    """Skip PostgreSQL tests, with the reason, when no test server is configured (CI forbids that)."""
     if postgres_admin_url():
         return
+    if os.environ.get("TASK_ORCHESTRATOR_REQUIRE_POSTGRES"):
+        raise pytest.UsageError("TASK_ORCHESTRATOR_REQUIRE_POSTGRES is set but TASK_ORCHESTRATOR_TEST_POSTGRES_URL is not")
     skip = pytest.mark.skip(
         reason="TASK_ORCHESTRATOR_TEST_POSTGRES_URL is not set (no PostgreSQL to test on)"
     )
