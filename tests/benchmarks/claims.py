@@ -1,0 +1,271 @@
+"""Part 3, claim throughput: W worker processes drain one directory, each claim followed by a complete.
+
+Three ways, each W in its own processes: a raw driver loop (the floor: SQLite ``BEGIN IMMEDIATE`` +
+``UPDATE ... WHERE id = (SELECT ...) RETURNING``; PostgreSQL the same with ``FOR UPDATE SKIP LOCKED``),
+the TaskService directly, and end to end through one stdio server per worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import time
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import text
+
+from task_orchestrator_mcp.db.engine import Database
+from tests.benchmarks.common import SQLITE_TIME, Result, Workspace, load_tasks, sqlite_url, task_rows
+
+DIRECTORY = "/bench/claims"
+MAX_ERRORS = 200
+# (worker index, claimed ids, errors, finish time on the shared monotonic clock)
+Report = tuple[int, list[str], int, float]
+
+_SQLITE_CLAIM = """
+UPDATE tasks SET status = 'in_progress', worker_id = ?, attempts = attempts + 1,
+  started_at = ?, updated_at = ?, lease_expires_at = ?, lease_seconds = 900
+WHERE id = (SELECT id FROM tasks WHERE work_directory = ? AND status = 'pending'
+            ORDER BY priority, created_at, id LIMIT 1) AND status = 'pending'
+RETURNING id"""
+_SQLITE_DONE = """
+UPDATE tasks SET status = 'completed', result = '"done"', updated_at = ?, completed_at = ?,
+  lease_expires_at = NULL WHERE id = ? AND status = 'in_progress' AND worker_id = ?"""
+_SQLITE_HISTORY = (
+    "INSERT INTO task_history (task_id, from_status, to_status, worker_id, at) VALUES (?,?,?,?,?)"
+)
+
+_PG_CLAIM = """
+UPDATE tasks SET status = 'in_progress', worker_id = %s, attempts = attempts + 1,
+  started_at = %s, updated_at = %s, lease_expires_at = %s, lease_seconds = 900
+WHERE id = (SELECT id FROM tasks WHERE work_directory = %s AND status = 'pending'
+            ORDER BY priority, created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED) AND status = 'pending'
+RETURNING id"""
+_PG_DONE = """
+UPDATE tasks SET status = 'completed', result = '"done"', updated_at = %s, completed_at = %s,
+  lease_expires_at = NULL WHERE id = %s AND status = 'in_progress' AND worker_id = %s"""
+_PG_HISTORY = (
+    "INSERT INTO task_history (task_id, from_status, to_status, worker_id, at) VALUES (%s,%s,%s,%s,%s)"
+)
+
+
+def _raw_sqlite_worker(index: int, url: str, barrier: Any, out: Any) -> None:
+    import sqlite3
+
+    conn = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None, timeout=30)
+    conn.execute("PRAGMA busy_timeout = 30000")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    worker = f"raw-{index}"
+    claimed: list[str] = []
+    errors = 0
+    barrier.wait()
+    while errors < MAX_ERRORS:
+        now = datetime.now(UTC).replace(tzinfo=None)
+        stamp, lease = now.strftime(SQLITE_TIME), (now + timedelta(seconds=900)).strftime(SQLITE_TIME)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            row = conn.execute(_SQLITE_CLAIM, (worker, stamp, stamp, lease, DIRECTORY)).fetchone()
+            if row is not None:
+                conn.execute(_SQLITE_HISTORY, (row[0], "pending", "in_progress", worker, stamp))
+            conn.execute("COMMIT")
+            if row is None:
+                break
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(_SQLITE_DONE, (stamp, stamp, row[0], worker))
+            conn.execute(_SQLITE_HISTORY, (row[0], "in_progress", "completed", worker, stamp))
+            conn.execute("COMMIT")
+            claimed.append(row[0])
+        except sqlite3.Error:
+            errors += 1
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+    out.put((index, claimed, errors, time.monotonic()))
+
+
+def _raw_pg_worker(index: int, url: str, barrier: Any, out: Any) -> None:
+    import psycopg
+
+    conn = psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True)
+    worker = f"raw-{index}"
+    claimed: list[str] = []
+    errors = 0
+    barrier.wait()
+    while errors < MAX_ERRORS:
+        now = datetime.now(UTC)
+        try:
+            with conn.transaction():
+                row = conn.execute(
+                    _PG_CLAIM, (worker, now, now, now + timedelta(seconds=900), DIRECTORY)
+                ).fetchone()
+                if row is not None:
+                    conn.execute(_PG_HISTORY, (row[0], "pending", "in_progress", worker, now))
+            if row is None:
+                break
+            with conn.transaction():
+                conn.execute(_PG_DONE, (now, now, row[0], worker))
+                conn.execute(_PG_HISTORY, (row[0], "in_progress", "completed", worker, now))
+            claimed.append(row[0])
+        except psycopg.Error:
+            errors += 1
+    out.put((index, claimed, errors, time.monotonic()))
+
+
+def _service_worker(index: int, url: str, barrier: Any, out: Any) -> None:
+    from task_orchestrator_mcp.service import TaskService
+
+    database = Database(url)
+    service = TaskService(database, worker_id=f"svc-{index}")
+    claimed: list[str] = []
+    errors = 0
+    barrier.wait()
+    while errors < MAX_ERRORS:
+        try:
+            task = service.acquire_task(DIRECTORY)
+            if task is None:
+                break
+            service.complete_task(task.task_id, "done")
+            claimed.append(task.task_id)
+        except Exception:
+            errors += 1
+    database.dispose()
+    out.put((index, claimed, errors, time.monotonic()))
+
+
+def _e2e_worker(index: int, url: str, barrier: Any, out: Any) -> None:
+    from mcp import Client
+
+    from tests.support import server_params
+
+    async def main() -> tuple[list[str], int]:
+        claimed: list[str] = []
+        errors = 0
+        async with Client(server_params(url, TASK_ORCHESTRATOR_WORKER_ID=f"e2e-{index}"), mode="legacy") as c:
+            barrier.wait()  # blocks the loop, on purpose: nothing else runs in this process yet
+            while errors < MAX_ERRORS:
+                got = await c.call_tool("acquire_task", {"work_directory": DIRECTORY})
+                if got.is_error or got.structured_content is None:
+                    errors += 1
+                    continue
+                task = got.structured_content["task"]
+                if task is None:
+                    break
+                done = await c.call_tool("complete_task", {"task_id": task["task_id"], "result": "done"})
+                if done.is_error:
+                    errors += 1
+                    continue
+                claimed.append(task["task_id"])
+        return claimed, errors
+
+    claimed, errors = asyncio.run(main())
+    out.put((index, claimed, errors, time.monotonic()))
+
+
+WORKERS = {
+    "raw sqlite3": _raw_sqlite_worker,
+    "raw psycopg": _raw_pg_worker,
+    "service": _service_worker,
+    "e2e stdio": _e2e_worker,
+}
+
+
+def drain(kind: str, url: str, workers: int, tasks: int) -> dict[str, Any]:
+    """Run ``workers`` processes of ``kind`` until the directory is empty; throughput and exactness."""
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(workers + 1)
+    out = ctx.Queue()
+    procs = [ctx.Process(target=WORKERS[kind], args=(i, url, barrier, out)) for i in range(workers)]
+    for proc in procs:
+        proc.start()
+    barrier.wait(timeout=300)
+    started = time.monotonic()
+    reports: list[Report] = [out.get(timeout=600) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=60)
+    finished = max(report[3] for report in reports)
+    ids = Counter(task_id for report in reports for task_id in report[1])
+    errors = sum(report[2] for report in reports)
+    database = Database(url)
+    try:
+        with database.read() as conn:
+            claims_in_history = conn.execute(
+                text(
+                    "SELECT COUNT(*) - COUNT(DISTINCT task_id) FROM task_history "
+                    "WHERE to_status = 'in_progress'"
+                )
+            ).scalar_one()
+            not_completed = conn.execute(
+                text("SELECT COUNT(*) FROM tasks WHERE work_directory = :d AND status <> 'completed'"),
+                {"d": DIRECTORY},
+            ).scalar_one()
+    finally:
+        database.dispose()
+    return {
+        "per_s": sum(ids.values()) / (finished - started),
+        "seconds": finished - started,
+        "claimed": sum(ids.values()),
+        "double_claims": sum(n - 1 for n in ids.values() if n > 1) + int(claims_in_history),
+        "errors": errors,
+        "not_completed": int(not_completed),
+        "tasks": tasks,
+    }
+
+
+def _fresh_sqlite(ws: Workspace, tasks: int) -> str:
+    url = sqlite_url(ws.migrated_copy("claims"))
+    load_tasks(url, task_rows(tasks, DIRECTORY))
+    return url
+
+
+def _reset_postgres(url: str, tasks: int) -> str:
+    database = Database(url)
+    try:
+        with database.write() as conn:
+            conn.execute(text("TRUNCATE task_history, task_tags, tasks"))
+    finally:
+        database.dispose()
+    load_tasks(url, task_rows(tasks, DIRECTORY))
+    return url
+
+
+def _row(engine: str, kind: str, w: int, got: dict[str, Any], floor: dict[str, Any] | None) -> Result:
+    exact = got["double_claims"] == 0 and got["errors"] == 0 and got["not_completed"] == 0
+    is_goal = kind == "service"
+    ok: bool | None = exact
+    if is_goal and floor is not None:
+        ok = exact and got["per_s"] / floor["per_s"] >= 0.7
+    return Result(
+        f"claims ({engine})",
+        f"{kind} W={w}",
+        "claims/s",
+        got["per_s"],
+        None if floor is None else floor["per_s"],
+        ">= 0.7x, exact" if is_goal else "exact",
+        ok,
+        got,
+    )
+
+
+def run(
+    ws: Workspace, *, worker_counts: list[int], tasks: int, e2e_tasks: int, postgres_url: str | None = None
+) -> list[Result]:
+    """Throughput of each kind at each W, as a ratio of the raw floor; double claims and errors counted."""
+    results = []
+    engines: list[tuple[str, str]] = [("sqlite", "raw sqlite3")]
+    if postgres_url:
+        engines.append(("postgresql", "raw psycopg"))
+    for engine, floor_kind in engines:
+        for w in worker_counts:
+
+            def fresh(n: int, engine: str = engine) -> str:
+                return _fresh_sqlite(ws, n) if engine == "sqlite" else _reset_postgres(postgres_url or "", n)
+
+            floor = drain(floor_kind, fresh(tasks), w, tasks)
+            results.append(_row(engine, floor_kind, w, floor, None))
+            results.append(_row(engine, "service", w, drain("service", fresh(tasks), w, tasks), floor))
+            if e2e_tasks:
+                got = drain("e2e stdio", fresh(e2e_tasks), w, e2e_tasks)
+                results.append(_row(engine, "e2e stdio", w, got, floor))
+    return results

@@ -1,0 +1,48 @@
+"""The floor server: a bare ``MCPServer`` with one no-op tool, on the same interpreter as the real one.
+
+With ``BENCH_FLOOR_DB`` set it also has ``noop_commit``: the no-op plus one raw ``sqlite3`` commit on
+that file, with the real server's pragmas (WAL, synchronous=FULL), the floor for write calls.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from mcp.server import MCPServer
+
+
+def build() -> MCPServer:
+    """The floor server (one no-op tool; a committing no-op too when a database is given)."""
+    server: MCPServer = MCPServer("floor")
+
+    @server.tool()
+    def noop() -> str:
+        """Do nothing."""
+        return "ok"
+
+    db_path = os.environ.get("BENCH_FLOOR_DB")
+    if db_path:
+        import sqlite3
+
+        conn = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False, timeout=30)
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("CREATE TABLE IF NOT EXISTS floor (id INTEGER PRIMARY KEY, at REAL)")
+        # Sync tools run on worker threads: one connection, one writer at a time.
+        lock = threading.Lock()
+
+        @server.tool()
+        def noop_commit() -> str:
+            """Commit one row."""
+            with lock:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("INSERT INTO floor (at) VALUES (0)")
+                conn.execute("COMMIT")
+            return "ok"
+
+    return server
+
+
+if __name__ == "__main__":
+    build().run()

@@ -1,0 +1,120 @@
+"""Part 2, per-call latency over stdio with the SDK client, against the bare floor server."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from mcp import Client, StdioServerParameters
+
+from tests.benchmarks.common import Result, Workspace, load_tasks, percentile, sqlite_url, task_rows
+from tests.benchmarks.startup import FLOOR_SCRIPT
+from tests.support import server_env, server_params, structured
+
+LIST_DIR = "/bench/list"
+CLAIM_DIR = "/bench/claim"
+CREATE_DIR = "/bench/create"
+
+
+async def _time_block(call: Callable[[], Awaitable[Any]], count: int, into: list[float]) -> None:
+    for _ in range(count):
+        started = time.perf_counter()
+        await call()
+        into.append(time.perf_counter() - started)
+
+
+async def _interleaved(
+    real: Callable[[], Awaitable[Any]], floor: Callable[[], Awaitable[Any]], count: int, block: int = 50
+) -> tuple[list[float], list[float]]:
+    """Alternate blocks of real and floor calls, so a noisy neighbour hits both alike."""
+    for call in (real, floor):
+        for _ in range(20):  # warm-up
+            await call()
+    real_samples: list[float] = []
+    floor_samples: list[float] = []
+    while len(real_samples) < count:
+        n = min(block, count - len(real_samples))
+        await _time_block(real, n, real_samples)
+        await _time_block(floor, n, floor_samples)
+    return real_samples, floor_samples
+
+
+def _check(result: Any) -> Any:
+    return structured(result)
+
+
+async def measure(ws: Workspace, calls: int) -> dict[str, tuple[list[float], list[float]]]:
+    """Samples (real, floor) per operation, both servers open side by side."""
+    floor_db = ws.migrated_copy("floor-latency")
+    floor_env = server_env(sqlite_url(floor_db), BENCH_FLOOR_DB=str(floor_db))
+    floor_params = StdioServerParameters(command=sys.executable, args=[str(FLOOR_SCRIPT)], env=floor_env)
+    url = sqlite_url(ws.migrated_copy("latency"))
+    load_tasks(url, task_rows(60, LIST_DIR, prefix="l"))
+    # Every acquire of the timed loop (and its warm-up) finds a pending task.
+    load_tasks(url, task_rows(calls + 100, CLAIM_DIR, prefix="c"))
+    async with Client(floor_params, mode="legacy") as fc, Client(server_params(url), mode="legacy") as client:
+        # A task with a full history (created, claimed, completed) for get_task.
+        made = _check(await client.call_tool("create_task", {"work_directory": "/bench/get", "prompt": "x"}))
+        task_id = made["task_id"]
+        _check(await client.call_tool("acquire_task", {"work_directory": "/bench/get"}))
+        _check(await client.call_tool("complete_task", {"task_id": task_id, "result": {"ok": True}}))
+
+        async def noop() -> None:
+            _check(await fc.call_tool("noop", {}))
+
+        async def commit() -> None:
+            _check(await fc.call_tool("noop_commit", {}))
+
+        async def commit_twice() -> None:
+            await commit()
+            await commit()
+
+        async def get_task() -> None:
+            _check(await client.call_tool("get_task", {"task_id": task_id}))
+
+        async def list_tasks() -> None:
+            page = _check(await client.call_tool("list_tasks", {"work_directory": LIST_DIR, "limit": 50}))
+            assert len(page["tasks"]) == 50
+
+        async def create_task() -> None:
+            args = {"work_directory": CREATE_DIR, "prompt": "do the thing"}
+            _check(await client.call_tool("create_task", args))
+
+        async def acquire_complete() -> None:
+            got = _check(await client.call_tool("acquire_task", {"work_directory": CLAIM_DIR}))
+            assert got["task"] is not None
+            done = {"task_id": got["task"]["task_id"], "result": "done"}
+            _check(await client.call_tool("complete_task", done))
+
+        return {
+            "get_task/noop": await _interleaved(get_task, noop, calls),
+            "list_tasks (50 rows)/noop": await _interleaved(list_tasks, noop, calls),
+            "create_task/noop_commit": await _interleaved(create_task, commit, calls),
+            "acquire+complete/noop_commit x2": await _interleaved(acquire_complete, commit_twice, calls),
+        }
+
+
+async def run(ws: Workspace, *, calls: int) -> list[Result]:
+    """p50 and p99 of each tool over ``calls`` calls, each against its floor."""
+    measured = await measure(ws, calls)
+    results = []
+    for key, (real, floor) in measured.items():
+        name, floor_name = key.split("/")
+        for q in (50, 99):
+            value = percentile(real, q) * 1000
+            base = percentile(floor, q) * 1000
+            results.append(
+                Result(
+                    "latency",
+                    f"{name} p{q} (floor: {floor_name})",
+                    "ms",
+                    value,
+                    base,
+                    "<= 1.3x",
+                    value / base <= 1.3,
+                    {"calls": calls},
+                )
+            )
+    return results
