@@ -38,7 +38,9 @@ MAX_ATTEMPTS_LIMIT = 100
 MAX_LEASE_SECONDS = 7 * 86_400
 MAX_TAGS = 32
 MAX_TAG_CHARS = 64
-MAX_DIRECTORY_CHARS = 4096
+# In UTF-8 bytes: the directory is a key of the claim index, and a PostgreSQL B-tree entry must fit in
+# about 2.7 kB (a longer, incompressible path failed inside the database instead of being refused).
+MAX_DIRECTORY_BYTES = 2048
 MAX_ID_CHARS = 256
 MAX_JSON_DEPTH = 64
 LIST_PROMPT_CHARS = 200
@@ -367,11 +369,11 @@ def normalise_directory(path: str) -> str:
     """An absolute directory, normalised lexically (``/a/./b/`` -> ``/a/b``); the disk is not read."""
     if not isinstance(path, str) or not path.strip():
         raise InvalidInput("work_directory must be a non-empty absolute path, e.g. /home/me/project.")
-    _utf8(path, "work_directory")
+    size = len(_utf8(path, "work_directory"))
     if "\x00" in path:
         raise InvalidInput("work_directory must not contain NUL characters.")
-    if len(path) > MAX_DIRECTORY_CHARS:
-        raise InvalidInput(f"work_directory is longer than {MAX_DIRECTORY_CHARS} characters.")
+    if size > MAX_DIRECTORY_BYTES:
+        raise InvalidInput(f"work_directory is {size} bytes as UTF-8; the limit is {MAX_DIRECTORY_BYTES}.")
     if not path.startswith("/"):
         raise InvalidInput(f"work_directory must be absolute (start with /); got {_clip(path, 80)!r}.")
     normal = posixpath.normpath(path)
@@ -511,10 +513,14 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created_text, task_id = json.loads(raw)
         created = datetime.fromisoformat(created_text)
-    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError):
+        if created.tzinfo is None:
+            raise bad
+        # A forged offset next to datetime.min/max overflows on conversion; catch it here, not in SQL.
+        created = created.astimezone(UTC)
+        # JSON escapes can smuggle in lone surrogates, which no driver can encode.
+        task_id = _task_id(task_id)
+    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError, OverflowError):
         raise bad from None
-    if created.tzinfo is None or not isinstance(task_id, str) or "\x00" in task_id:
-        raise bad
     return created, task_id
 
 

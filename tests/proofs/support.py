@@ -20,6 +20,11 @@ SOAK_ENV = "TASK_ORCHESTRATOR_SOAK"
 TABLES = ("task_history", "task_tags", "tasks", "alembic_version")
 
 
+def incompressible(n: int) -> str:
+    """``n`` CJK characters in a scrambled order: text PostgreSQL cannot compress into an index entry."""
+    return "".join(chr(0x4E00 + (i * 7919) % 20_000) for i in range(n))
+
+
 def soak() -> bool:
     """True when the long soak mode is asked for (``TASK_ORCHESTRATOR_SOAK=1``)."""
     return os.environ.get(SOAK_ENV, "") not in ("", "0", "false", "no")

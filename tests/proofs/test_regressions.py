@@ -1,0 +1,53 @@
+"""Regression tests for defects the proofs (model and fuzz) found, on both engines."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from task_orchestrator_mcp.errors import InvalidInput
+from task_orchestrator_mcp.service import MAX_DIRECTORY_BYTES, TaskService
+from tests.proofs.support import incompressible
+
+
+def _cursor(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # A JSON escape that decodes to a lone surrogate: no driver can encode it (was an internal error).
+        b'["2026-01-01T00:00:00+00:00","\\ud800"]',
+        # Offsets that push the instant past datetime.min / datetime.max (was an OverflowError).
+        b'["0001-01-01T00:00:00+05:00","x"]',
+        b'["9999-12-31T23:59:59-05:00","x"]',
+        # Naive instants and ids that are not strings or too long stay refused.
+        b'["2026-01-01T00:00:00","x"]',
+        b'["2026-01-01T00:00:00+00:00",5]',
+        b'["2026-01-01T00:00:00+00:00","' + b"y" * 300 + b'"]',
+    ],
+)
+def test_forged_cursor_is_refused_clearly(service: TaskService, raw: bytes) -> None:
+    with pytest.raises(InvalidInput, match="cursor is not valid"):
+        service.list_tasks(cursor=_cursor(raw))
+
+
+def test_directory_too_long_for_the_claim_index_is_refused(service: TaskService) -> None:
+    # 4,000 scrambled CJK characters (12 kB) defeat PostgreSQL's index compression: the insert used to
+    # fail inside the database with "index row size exceeds maximum", reported as "unavailable, retry".
+    with pytest.raises(InvalidInput, match="work_directory is 12001 bytes"):
+        service.create_task("/" + incompressible(4000), "p")
+    with pytest.raises(InvalidInput, match="work_directory"):
+        service.acquire_task("/" + "a" * MAX_DIRECTORY_BYTES)
+
+
+def test_longest_allowed_directory_is_stored_and_claimed(service: TaskService) -> None:
+    # 1 + 682 * 3 = 2,047 bytes of incompressible UTF-8: the worst case that must still fit the index.
+    directory = "/" + incompressible(682)
+    assert len(directory.encode()) <= MAX_DIRECTORY_BYTES
+    created = service.create_task(directory, "p")
+    claimed = service.acquire_task(directory, "w")
+    assert claimed is not None
+    assert claimed.task_id == created.task_id
