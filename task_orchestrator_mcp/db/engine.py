@@ -96,8 +96,14 @@ def _sqlite_engine(url: str, busy_timeout_ms: int, synchronous: str, pool_size: 
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        write = conn.get_execution_options().get(_WRITE, False)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+        statement = "BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITE, False) else "BEGIN"
+        # Straight to the driver: exec_driver_sql costs 0.1-0.2 ms per transaction in statement
+        # and event machinery, a tenth of a whole no-op MCP round trip. Its error wrapping is kept
+        # by hand, so a lock timeout still reaches translate_errors as a DBAPIError.
+        try:
+            conn.connection.dbapi_connection.execute(statement)  # type: ignore[union-attr]
+        except sqlite3.Error as exc:
+            raise sa_exc.DBAPIError.instance(statement, None, exc, sqlite3.Error) from exc
 
     return engine
 
