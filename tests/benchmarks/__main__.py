@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             pg_url: str | None = None
             kwargs: dict[str, Any] = {
                 "worker_counts": workers,
-                "tasks": 300 if quick else 1000,
-                "e2e_tasks": 150 if quick else 400,
+                "seconds": 1.5 if quick else 3.0,
+                "rounds": 1 if quick else 2,
             }
             admin = args.postgres_url or postgres_admin_url()
             if args.postgres and admin:

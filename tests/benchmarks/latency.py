@@ -10,6 +10,7 @@ from typing import Any
 from mcp import Client, StdioServerParameters
 
 from tests.benchmarks.common import Result, Workspace, load_tasks, percentile, sqlite_url, task_rows
+from tests.benchmarks.rawrpc import RawStdio
 from tests.benchmarks.startup import FLOOR_SCRIPT
 from tests.support import server_env, server_params, structured
 
@@ -96,9 +97,75 @@ async def measure(ws: Workspace, calls: int) -> dict[str, tuple[list[float], lis
         }
 
 
-async def run(ws: Workspace, *, calls: int) -> list[Result]:
-    """p50 and p99 of each tool over ``calls`` calls, each against its floor."""
-    measured = await measure(ws, calls)
+def _time_sync(call: Callable[[], Any], count: int, into: list[float]) -> None:
+    for _ in range(count):
+        started = time.perf_counter()
+        call()
+        into.append(time.perf_counter() - started)
+
+
+def _interleaved_sync(
+    real: Callable[[], Any], floor: Callable[[], Any], count: int, block: int = 50
+) -> tuple[list[float], list[float]]:
+    for call in (real, floor):
+        for _ in range(20):
+            call()
+    real_samples: list[float] = []
+    floor_samples: list[float] = []
+    while len(real_samples) < count:
+        n = min(block, count - len(real_samples))
+        _time_sync(real, n, real_samples)
+        _time_sync(floor, n, floor_samples)
+    return real_samples, floor_samples
+
+
+def measure_raw(ws: Workspace, calls: int) -> dict[str, tuple[list[float], list[float]]]:
+    """The same operations through a bare JSON-RPC pipe client: the server's cost without the SDK's."""
+    floor_db = ws.migrated_copy("floor-latency-raw")
+    floor_env = server_env(sqlite_url(floor_db), BENCH_FLOOR_DB=str(floor_db))
+    url = sqlite_url(ws.migrated_copy("latency-raw"))
+    load_tasks(url, task_rows(60, LIST_DIR, prefix="l"))
+    load_tasks(url, task_rows(calls + 100, CLAIM_DIR, prefix="c"))
+    real_cmd = [sys.executable, "-m", "task_orchestrator_mcp"]
+    with (
+        RawStdio([sys.executable, str(FLOOR_SCRIPT)], floor_env) as fc,
+        RawStdio(real_cmd, server_env(url)) as rc,
+    ):
+        task_id = rc.call("create_task", {"work_directory": "/bench/get", "prompt": "x"})["task_id"]
+        rc.call("acquire_task", {"work_directory": "/bench/get"})
+        rc.call("complete_task", {"task_id": task_id, "result": {"ok": True}})
+
+        def acquire_complete() -> None:
+            got = rc.call("acquire_task", {"work_directory": CLAIM_DIR})["task"]
+            rc.call("complete_task", {"task_id": got["task_id"], "result": "done"})
+
+        def noop() -> None:
+            fc.call("noop", {})
+
+        def commit() -> None:
+            fc.call("noop_commit", {})
+
+        def commit_twice() -> None:
+            commit()
+            commit()
+
+        return {
+            "get_task/noop": _interleaved_sync(
+                lambda: rc.call("get_task", {"task_id": task_id}), noop, calls
+            ),
+            "list_tasks (50 rows)/noop": _interleaved_sync(
+                lambda: rc.call("list_tasks", {"work_directory": LIST_DIR, "limit": 50}), noop, calls
+            ),
+            "create_task/noop_commit": _interleaved_sync(
+                lambda: rc.call("create_task", {"work_directory": CREATE_DIR, "prompt": "do the thing"}),
+                commit,
+                calls,
+            ),
+            "acquire+complete/noop_commit x2": _interleaved_sync(acquire_complete, commit_twice, calls),
+        }
+
+
+def _rows(client: str, measured: dict[str, tuple[list[float], list[float]]], calls: int) -> list[Result]:
     results = []
     for key, (real, floor) in measured.items():
         name, floor_name = key.split("/")
@@ -107,7 +174,7 @@ async def run(ws: Workspace, *, calls: int) -> list[Result]:
             base = percentile(floor, q) * 1000
             results.append(
                 Result(
-                    "latency",
+                    f"latency ({client})",
                     f"{name} p{q} (floor: {floor_name})",
                     "ms",
                     value,
@@ -118,3 +185,10 @@ async def run(ws: Workspace, *, calls: int) -> list[Result]:
                 )
             )
     return results
+
+
+async def run(ws: Workspace, *, calls: int) -> list[Result]:
+    """p50 and p99 of each tool over ``calls`` calls against its floor: SDK client, then raw JSON-RPC."""
+    return _rows("SDK client", await measure(ws, calls), calls) + _rows(
+        "raw rpc", measure_raw(ws, calls), calls
+    )

@@ -31,8 +31,17 @@ INITIALIZE = (
 ).encode()
 
 
-def spawn_to_initialize(command: list[str], env: dict[str, str]) -> float:
-    """Seconds from spawning ``command`` to reading its answer to ``initialize`` on stdout."""
+TOOLS_LIST = (
+    json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"})
+    + "\n"
+    + json.dumps({"jsonrpc": "2.0", "id": 2, "method": "tools/list"})
+    + "\n"
+).encode()
+
+
+def spawn_to_initialize(command: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Seconds from spawning ``command`` to its ``initialize`` answer, and to its ``tools/list`` answer
+    (what an agent session really waits for before its first call)."""
     started = time.perf_counter()
     proc = subprocess.Popen(
         command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env
@@ -42,46 +51,70 @@ def spawn_to_initialize(command: list[str], env: dict[str, str]) -> float:
     proc.stdin.write(INITIALIZE)
     proc.stdin.flush()
     line = proc.stdout.readline()
-    elapsed = time.perf_counter() - started
+    initialized = time.perf_counter() - started
+    proc.stdin.write(TOOLS_LIST)
+    proc.stdin.flush()
+    tools = proc.stdout.readline()
+    listed = time.perf_counter() - started
     proc.stdin.close()
     proc.wait(timeout=30)
-    if b'"result"' not in line:
-        raise RuntimeError(f"{command}: no initialize result: {line[:300]!r}")
-    return elapsed
+    if b'"result"' not in line or b'"tools"' not in tools:
+        raise RuntimeError(f"{command}: no initialize/tools result: {line[:300]!r} {tools[:300]!r}")
+    return initialized, listed
 
 
 def run(ws: Workspace, *, repeats: int) -> list[Result]:
-    """Median spawn-to-initialize of the real server (module and console script) and of the floor."""
+    """Median spawn-to-initialize of the real server (module and console script) and of the floor,
+    plus spawn-to-tools/list (reported, no goal)."""
     db = ws.migrated_copy("coldstart")
     env = server_env(sqlite_url(db))
-    real = [sys.executable, "-m", "task_orchestrator_mcp"]
     script = shutil.which("task-orchestrator-mcp", path=str(Path(sys.executable).parent))
-    floor = [sys.executable, str(FLOOR_SCRIPT)]
+    commands = {
+        "floor": [sys.executable, str(FLOOR_SCRIPT)],
+        "python -m task_orchestrator_mcp": [sys.executable, "-m", "task_orchestrator_mcp"],
+    }
+    if script:
+        commands["task-orchestrator-mcp"] = [script]
     # One warm-up each (page cache, .pyc), then interleaved so noise hits all of them alike.
-    for command in (floor, real):
+    for command in commands.values():
         spawn_to_initialize(command, env)
-    samples: dict[str, list[float]] = {"floor": [], "module": [], "script": []}
+    init: dict[str, list[float]] = {name: [] for name in commands}
+    listed: dict[str, list[float]] = {name: [] for name in commands}
     for _ in range(repeats):
-        samples["floor"].append(spawn_to_initialize(floor, env))
-        samples["module"].append(spawn_to_initialize(real, env))
-        if script:
-            samples["script"].append(spawn_to_initialize([script], env))
-    floor_median = statistics.median(samples["floor"])
+        for name, command in commands.items():
+            a, b = spawn_to_initialize(command, env)
+            init[name].append(a)
+            listed[name].append(b)
+    floor_init = statistics.median(init["floor"])
+    floor_list = statistics.median(listed["floor"])
     results = []
-    for key, label in (("module", "python -m task_orchestrator_mcp"), ("script", "task-orchestrator-mcp")):
-        if not samples[key]:
+    for name in commands:
+        if name == "floor":
             continue
-        value = statistics.median(samples[key])
+        value = statistics.median(init[name])
         results.append(
             Result(
                 "cold start",
-                label,
+                f"{name} -> initialize",
                 "s",
                 value,
-                floor_median,
+                floor_init,
                 "<= 1.25x",
-                value / floor_median <= 1.25,
-                {"samples": samples[key], "floor_samples": samples["floor"]},
+                value / floor_init <= 1.25,
+                {"samples": init[name], "floor_samples": init["floor"]},
             )
         )
+    main = "python -m task_orchestrator_mcp"
+    results.append(
+        Result(
+            "cold start",
+            f"{main} -> tools/list",
+            "s",
+            statistics.median(listed[main]),
+            floor_list,
+            "",
+            None,
+            {"samples": listed[main], "floor_samples": listed["floor"]},
+        )
+    )
     return results
