@@ -77,8 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     where = describe(settings.database_url)
     try:
-        # A failure here is reported as the one line below, not also as a warning.
-        with quiet("WARNING"):
+        # A database failure here is reported as the one line below, not also as a warning.
+        with quiet("task_orchestrator_mcp.db.engine", "WARNING"):
             database = open_database(settings)
     except DatabaseError as exc:
         return _fail(f"cannot use the database {where}: {exc.detail or exc}", 1)

@@ -55,13 +55,12 @@ def configure_logging(level: str, log_file: Path | None = None) -> None:
 
 
 @contextmanager
-def quiet(level: str) -> Iterator[None]:
-    """Drop this package's log records at ``level`` and below while the block runs."""
+def quiet(module: str, level: str) -> Iterator[None]:
+    """Drop ``module``'s log records at ``level`` and below while the block runs."""
     threshold = logger.level(level).no
 
     def keep(record: Record) -> bool:
-        name = record["name"] or ""
-        return record["level"].no > threshold or not name.startswith("task_orchestrator_mcp")
+        return record["level"].no > threshold or record["name"] != module
 
     _filters.append(keep)
     try:

@@ -30,7 +30,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if postgres_admin_url():
         return
     if os.environ.get("TASK_ORCHESTRATOR_REQUIRE_POSTGRES"):
-        raise pytest.UsageError("TASK_ORCHESTRATOR_REQUIRE_POSTGRES is set but TASK_ORCHESTRATOR_TEST_POSTGRES_URL is not")
+        raise pytest.UsageError(
+            "TASK_ORCHESTRATOR_REQUIRE_POSTGRES is set, TASK_ORCHESTRATOR_TEST_POSTGRES_URL is not"
+        )
     skip = pytest.mark.skip(
         reason="TASK_ORCHESTRATOR_TEST_POSTGRES_URL is not set (no PostgreSQL to test on)"
     )

@@ -14,6 +14,7 @@ from typing import Any
 from mcp import StdioServerParameters
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
 
 POSTGRES_ENV = "TASK_ORCHESTRATOR_TEST_POSTGRES_URL"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +43,8 @@ def postgres_admin_url() -> str | None:
 def fresh_postgres_database(admin_url: str) -> Iterator[str]:
     """Create an empty database for one test (or run) and drop it afterwards; yields its URL."""
     name = f"tom_test_{secrets.token_hex(6)}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    # No pool: a pooled connection would not survive a PostgreSQL restart during the test.
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
     try:
         with admin.connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{name}"'))

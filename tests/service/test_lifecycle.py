@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from task_orchestrator_mcp.errors import InvalidTransition, NotLeaseHolder, TaskNotFound
@@ -115,7 +117,6 @@ def test_heartbeat_extends_lease_from_now(service: TaskService, clock: FakeClock
     service.acquire_task(DIR, "w1", lease_seconds=30)
     clock.advance(20)
     task = service.heartbeat_task(created.task_id, "w1")
-    assert task.lease_expires_at == clock.now + (task.lease_expires_at - clock.now)
     assert task.lease_expires_at is not None
     assert (task.lease_expires_at - clock.now).total_seconds() == 30  # the last lease length
     task = service.heartbeat_task(created.task_id, "w1", lease_seconds=120)
@@ -211,12 +212,13 @@ def test_cancel_pending_and_in_progress_but_not_final(service: TaskService) -> N
 
 
 def test_unknown_task_ids(service: TaskService) -> None:
-    for call in (
+    calls: list[Callable[[], object]] = [
         lambda: service.get_task("nope"),
         lambda: service.complete_task("nope", "x"),
         lambda: service.fail_task("nope", "x"),
         lambda: service.heartbeat_task("nope"),
         lambda: service.cancel_task("nope"),
-    ):
+    ]
+    for call in calls:
         with pytest.raises(TaskNotFound, match="No task with id 'nope'"):
             call()
