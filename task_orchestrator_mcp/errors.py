@@ -13,7 +13,7 @@ is a sentence an agent can act on (no SQL, no traceback). The MCP layer turns an
     ├── NotLeaseHolder         the caller does not hold the task (never had it, or lost its lease)
     └── DatabaseError          the database cannot serve the request right now
         ├── DatabaseUnavailable    unreachable, busy, or refusing connections
-        └── StorageError           read-only file or full disk
+        └── StorageError           read-only database (file, disk or server), full disk
 """
 
 from __future__ import annotations
@@ -60,4 +60,7 @@ class DatabaseUnavailable(DatabaseError):
 
 
 class StorageError(DatabaseError):
-    """The database cannot be written: read-only file or full disk."""
+    """The database cannot be written: read-only (file, directory, disk or server) or a full disk.
+
+    Reads usually still work; writing resumes, in the same process, once the cause is gone.
+    """

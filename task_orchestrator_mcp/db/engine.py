@@ -17,7 +17,7 @@ from pathlib import Path
 from loguru import logger
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from task_orchestrator_mcp.errors import DatabaseError, DatabaseUnavailable, StorageError
@@ -45,6 +45,7 @@ class Database:
         else:
             raise DatabaseError(f"Unsupported database {self.dialect!r}: use sqlite or postgresql.")
         self._writer = self.engine.execution_options(**{_WRITE: True})
+        event.listen(self.engine, "handle_error", _recycle_read_only)
 
     @property
     def is_sqlite(self) -> bool:
@@ -127,9 +128,14 @@ def _postgres_engine(url: str, pool_size: int) -> Engine:
     )
 
 
-_DISK_FULL = re.compile(r"database or disk is full|disk I/O error|file too large", re.I)
-_READ_ONLY = re.compile(r"readonly database|read-only|unable to open database", re.I)
+_DISK_FULL = re.compile(r"database or disk is full|disk I/O error|file too large|No space left", re.I)
+_READ_ONLY = re.compile(r"readonly database|read-only", re.I)
+_CANNOT_OPEN = re.compile(r"unable to open database", re.I)
 _LOCKED = re.compile(r"database is locked|database table is locked", re.I)
+# PostgreSQL SQLSTATEs: disk_full, read_only_sql_transaction (also what a demoted primary answers).
+_PG_DISK_FULL = "53100"
+_PG_READ_ONLY = "25006"
+_SQLITE_READONLY = 8  # primary result code; extended codes keep it in the low byte
 
 
 @contextmanager
@@ -147,13 +153,22 @@ def _translate(exc: sa_exc.DBAPIError) -> DatabaseError:
     message = str(exc.orig) if exc.orig is not None else str(exc)
     detail = message.strip().splitlines()[0] if message.strip() else type(exc).__name__
     logger.warning("database error: {}", detail)
-    if _DISK_FULL.search(message):
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    if sqlstate == _PG_DISK_FULL or _DISK_FULL.search(message):
         return StorageError(
-            "The database disk is full or failing; nothing was changed. Free space and retry.", detail
+            "The database disk is full or failing; nothing was changed. Free space, then retry.", detail
         )
-    if _READ_ONLY.search(message):
+    if _is_read_only(exc.orig):
         return StorageError(
-            "The database file cannot be written (read-only or missing); nothing was changed.", detail
+            "The database is read-only right now (file or directory permissions, a read-only disk, or a "
+            "read-only server); nothing was changed. Reading still works; retry once it is writable.",
+            detail,
+        )
+    if _CANNOT_OPEN.search(message):
+        return StorageError(
+            "The database file cannot be opened (missing, or its directory is not writable); "
+            "nothing was changed.",
+            detail,
         )
     if _LOCKED.search(message):
         return DatabaseUnavailable(
@@ -162,6 +177,29 @@ def _translate(exc: sa_exc.DBAPIError) -> DatabaseError:
     if exc.connection_invalidated or isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError):
         return DatabaseUnavailable("The database is unavailable right now. Retry in a few seconds.", detail)
     return DatabaseError("The database rejected the request; nothing was changed.", detail)
+
+
+def _is_read_only(orig: BaseException | None) -> bool:
+    if orig is None:
+        return False
+    if getattr(orig, "sqlstate", None) == _PG_READ_ONLY:
+        return True
+    code = getattr(orig, "sqlite_errorcode", None)
+    if isinstance(code, int) and code & 0xFF == _SQLITE_READONLY:
+        return True
+    return bool(_READ_ONLY.search(str(orig)))
+
+
+def _recycle_read_only(context: ExceptionContext) -> None:
+    """Treat "the database is read-only" as a disconnect, so the whole pool is recycled.
+
+    A connection that met a read-only database stays read-only for its life: SQLite opened the file
+    read-only, a PostgreSQL session keeps ``default_transaction_read_only`` (or still points at a
+    primary that was demoted). Without this, every pooled connection keeps refusing writes after the
+    cause is gone, until the server restarts; with it, the next call reconnects and resumes.
+    """
+    if _is_read_only(context.original_exception):
+        context.is_disconnect = True
 
 
 def describe(url: str) -> str:
