@@ -78,33 +78,38 @@ def main(argv: list[str] | None = None) -> int:
     timings: dict[str, float] = {}
     root = Path(tempfile.mkdtemp(prefix="tom-bench-"))
     ws = Workspace(root)
+    failed: list[str] = []
     for part in parts:
         started = time.perf_counter()
         print(f"-- {part} ...", file=sys.stderr, flush=True)
-        if part == "startup":
-            results += startup.run(ws, repeats=5 if quick else 10)
-        elif part == "latency":
-            results += asyncio.run(latency.run(ws, calls=300 if quick else 1000))
-        elif part == "claims":
-            pg_url: str | None = None
-            kwargs: dict[str, Any] = {
-                "worker_counts": workers,
-                "seconds": 1.5 if quick else 3.0,
-                "rounds": 1 if quick else 2,
-            }
-            admin = args.postgres_url or postgres_admin_url()
-            if args.postgres and admin:
-                with fresh_postgres_database(admin) as pg_url:
-                    results += claims.run(ws, postgres_url=pg_url, **kwargs)
-            else:
-                if args.postgres:
-                    print("no PostgreSQL URL: skipping the PostgreSQL runs", file=sys.stderr)
-                results += claims.run(ws, **kwargs)
-        elif part == "scale":
-            found, plans = scale.run(ws, sizes=sizes, calls=200 if quick else 500)
-            results += found
-        elif part == "memory":
-            results += asyncio.run(memory.run(ws, calls=2000 if quick else 10_000))
+        try:
+            if part == "startup":
+                results += startup.run(ws, repeats=5 if quick else 10)
+            elif part == "latency":
+                results += asyncio.run(latency.run(ws, calls=300 if quick else 1000))
+            elif part == "claims":
+                pg_url: str | None = None
+                kwargs: dict[str, Any] = {
+                    "worker_counts": workers,
+                    "seconds": 1.5 if quick else 3.0,
+                    "rounds": 1 if quick else 2,
+                }
+                admin = args.postgres_url or postgres_admin_url()
+                if args.postgres and admin:
+                    with fresh_postgres_database(admin) as pg_url:
+                        results += claims.run(ws, postgres_url=pg_url, **kwargs)
+                else:
+                    if args.postgres:
+                        print("no PostgreSQL URL: skipping the PostgreSQL runs", file=sys.stderr)
+                    results += claims.run(ws, **kwargs)
+            elif part == "scale":
+                found, plans = scale.run(ws, sizes=sizes, calls=200 if quick else 500)
+                results += found
+            elif part == "memory":
+                results += asyncio.run(memory.run(ws, calls=2000 if quick else 10_000))
+        except Exception as exc:  # one broken part must not lose the others' figures
+            failed.append(part)
+            print(f"-- {part} FAILED: {exc!r}", file=sys.stderr, flush=True)
         timings[part] = time.perf_counter() - started
         print(f"-- {part}: {timings[part]:.0f} s", file=sys.stderr, flush=True)
     if not args.keep:
@@ -121,9 +126,12 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": timings,
             "results": [r.as_dict() for r in results],
             "plans": plans,
+            "failed_parts": failed,
         }
         args.json.write_text(json.dumps(payload, indent=2, default=str))
-    return 0 if all(r.ok is not False for r in results) else 1
+    if failed:
+        print("\nparts that failed: " + ", ".join(failed))
+    return 0 if not failed and all(r.ok is not False for r in results) else 1
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy import text
 
 from task_orchestrator_mcp.db.engine import Database
+from task_orchestrator_mcp.db.migrate import ensure_schema
 from tests.benchmarks.common import SQLITE_TIME, Result, Workspace, load_tasks, sqlite_url, task_rows
 
 DIRECTORY = "/bench/claims"
@@ -240,6 +241,7 @@ def _fresh_sqlite(ws: Workspace, tasks: int) -> str:
 def _reset_postgres(url: str, tasks: int) -> str:
     database = Database(url)
     try:
+        ensure_schema(database)
         with database.write() as conn:
             conn.execute(text("TRUNCATE task_history, task_tags, tasks"))
     finally:
