@@ -59,7 +59,11 @@ def default_worker_id() -> str:
 
 
 class TaskService:
-    """The queue's operations. Thread-safe: each call runs its own transaction."""
+    """The queue's operations. Thread-safe: each call runs its own transaction.
+
+    Write operations read the clock after taking the write lock, so a lease starts when it is granted
+    (not before a wait for the lock) and, on SQLite, creation times follow commit order.
+    """
 
     def __init__(
         self,
@@ -92,9 +96,9 @@ class TaskService:
         prio = _priority(priority)
         clean_tags = _tags(tags)
         max_attempts = _int_in_range(max_attempts, "max_attempts", 1, MAX_ATTEMPTS_LIMIT)
-        now = self._now()
-        task_id = _new_task_id(now)
         with self._db.write() as conn:
+            now = self._now()
+            task_id = _new_task_id(now)
             repo = TaskRepository(conn)
             task = repo.insert_task(
                 {
@@ -126,8 +130,8 @@ class TaskService:
         task_id = _task_id(task_id)
         if reason is not None:
             reason = self._check_text(reason, "reason", allow_empty=True)
-        now = self._now()
         with self._db.write() as conn:
+            now = self._now()
             repo = TaskRepository(conn)
             task = _found(repo.get(task_id, for_update=True), task_id)
             if task.status.is_final:
@@ -168,8 +172,8 @@ class TaskService:
         directory = normalise_directory(work_directory)
         worker = self._worker(worker_id)
         lease = self._lease(lease_seconds)
-        now = self._now()
         with self._db.write() as conn:
+            now = self._now()
             repo = TaskRepository(conn)
             self._recover_expired(repo, now)
             task = repo.claim_next(directory, worker, now, now + timedelta(seconds=lease), lease)
@@ -191,8 +195,8 @@ class TaskService:
         task_id = _task_id(task_id)
         worker = self._worker(worker_id)
         lease = None if lease_seconds is None else self._lease(lease_seconds)
-        now = self._now()
         with self._db.write() as conn:
+            now = self._now()
             repo = TaskRepository(conn)
             self._held(repo, task_id, worker, "heartbeat")
             lease = lease or repo.lease_seconds(task_id) or self._default_lease
@@ -210,8 +214,8 @@ class TaskService:
         task_id = _task_id(task_id)
         worker = self._worker(worker_id)
         result = self._check_result(result)
-        now = self._now()
         with self._db.write() as conn:
+            now = self._now()
             repo = TaskRepository(conn)
             self._held(repo, task_id, worker, "complete")
             updated = repo.update_task(
@@ -234,8 +238,8 @@ class TaskService:
         error = self._check_text(error, "error")
         if not isinstance(retry, bool):
             raise InvalidInput("retry must be true or false.")
-        now = self._now()
         with self._db.write() as conn:
+            now = self._now()
             repo = TaskRepository(conn)
             task = self._held(repo, task_id, worker, "fail")
             again = retry and task.attempts < task.max_attempts
