@@ -6,9 +6,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cache
 from typing import Any
 
-from sqlalchemy import Connection, Row, and_, exists, func, insert, or_, select, update
+from sqlalchemy import Connection, Integer, Row, and_, bindparam, exists, func, insert, or_, select, update
 
 from task_orchestrator_mcp.db.tables import task_history, task_tags, tasks
 from task_orchestrator_mcp.models import HistoryEntry, Priority, Task, TaskStatus, TaskSummary
@@ -50,22 +51,83 @@ def task_from_row(row: Row[Any] | Mapping[str, Any]) -> Task:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Statements:
+    insert_task: Any
+    insert_tag: Any
+    claim: Any
+    update_task: Any
+    insert_history: Any
+    get: Any
+    get_for_update: Any
+    lease_seconds: Any
+    expired_leases: Any
+
+
+@cache
+def _statements(*, row_locks: bool) -> _Statements:
+    """The hot statements, built once with bind parameters.
+
+    Building a statement and its cache key costs more CPU than SQLite takes to run it; a statement
+    object that is reused keeps its memoised cache key, so SQLAlchemy goes straight to the compiled form.
+    """
+    pending, in_progress = TaskStatus.PENDING.value, TaskStatus.IN_PROGRESS.value
+    candidate = (
+        select(tasks.c.id)
+        .where(tasks.c.work_directory == bindparam("b_dir"), tasks.c.status == pending)
+        .order_by(tasks.c.priority, tasks.c.created_at, tasks.c.id)
+        .limit(1)
+    )
+    expired = (
+        select(tasks)
+        .where(tasks.c.status == in_progress, tasks.c.lease_expires_at < bindparam("b_now"))
+        .order_by(tasks.c.lease_expires_at)
+        .limit(bindparam("b_limit", type_=Integer))
+    )
+    get = select(tasks).where(tasks.c.id == bindparam("b_id"))
+    if row_locks:
+        candidate = candidate.with_for_update(skip_locked=True)
+        expired = expired.with_for_update(skip_locked=True)
+    return _Statements(
+        insert_task=insert(tasks).returning(*tasks.c),
+        insert_tag=insert(task_tags),
+        claim=update(tasks)
+        .where(tasks.c.id == candidate.scalar_subquery(), tasks.c.status == pending)
+        .values(
+            status=in_progress,
+            worker_id=bindparam("b_worker"),
+            attempts=tasks.c.attempts + 1,
+            started_at=bindparam("b_now"),
+            updated_at=bindparam("b_now"),
+            lease_expires_at=bindparam("b_until"),
+            lease_seconds=bindparam("b_lease"),
+        )
+        .returning(*tasks.c),
+        update_task=update(tasks).where(tasks.c.id == bindparam("b_id")).returning(*tasks.c),
+        insert_history=insert(task_history),
+        get=get,
+        get_for_update=get.with_for_update() if row_locks else get,
+        lease_seconds=select(tasks.c.lease_seconds).where(tasks.c.id == bindparam("b_id")),
+        expired_leases=expired,
+    )
+
+
 class TaskRepository:
     """Named queries over one connection; the caller owns the transaction."""
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
         # SQLite's BEGIN IMMEDIATE already serialises writers; FOR UPDATE is PostgreSQL's row lock.
-        self._row_locks = conn.dialect.name == "postgresql"
+        self._sql = _statements(row_locks=conn.dialect.name == "postgresql")
 
     # -- writes -------------------------------------------------------------------------------------
 
     def insert_task(self, values: Mapping[str, Any]) -> Task:
         """Insert one task row (``values`` keyed by column) and its tag rows."""
-        row = self._conn.execute(insert(tasks).values(**values).returning(*tasks.c)).one()
+        row = self._conn.execute(self._sql.insert_task, dict(values)).one()
         if values["tags"]:
             self._conn.execute(
-                insert(task_tags), [{"task_id": values["id"], "tag": tag} for tag in values["tags"]]
+                self._sql.insert_tag, [{"task_id": values["id"], "tag": tag} for tag in values["tags"]]
             )
         return task_from_row(row)
 
@@ -79,36 +141,23 @@ class TaskRepository:
         predicate is re-checked on the locked row, so two transactions can never claim one row; on
         SQLite the write transaction already excludes every other writer.
         """
-        candidate = (
-            select(tasks.c.id)
-            .where(tasks.c.work_directory == work_directory, tasks.c.status == TaskStatus.PENDING.value)
-            .order_by(tasks.c.priority, tasks.c.created_at, tasks.c.id)
-            .limit(1)
-        )
-        if self._row_locks:
-            candidate = candidate.with_for_update(skip_locked=True)
-        stmt = (
-            update(tasks)
-            .where(tasks.c.id == candidate.scalar_subquery(), tasks.c.status == TaskStatus.PENDING.value)
-            .values(
-                status=TaskStatus.IN_PROGRESS.value,
-                worker_id=worker_id,
-                attempts=tasks.c.attempts + 1,
-                started_at=now,
-                updated_at=now,
-                lease_expires_at=lease_until,
-                lease_seconds=lease_seconds,
-            )
-            .returning(*tasks.c)
-        )
-        row = self._conn.execute(stmt).one_or_none()
+        row = self._conn.execute(
+            self._sql.claim,
+            {
+                "b_dir": work_directory,
+                "b_worker": worker_id,
+                "b_now": now,
+                "b_until": lease_until,
+                "b_lease": lease_seconds,
+            },
+        ).one_or_none()
         return None if row is None else task_from_row(row)
 
     def update_task(self, task_id: str, values: Mapping[str, Any]) -> Task:
         """Set columns of one task and return it as it now is."""
-        row = self._conn.execute(
-            update(tasks).where(tasks.c.id == task_id).values(**values).returning(*tasks.c)
-        ).one()
+        # No .values(): the SET clause follows the parameter keys, and the compiled form is cached
+        # per set of keys.
+        row = self._conn.execute(self._sql.update_task, {**values, "b_id": task_id}).one()
         return task_from_row(row)
 
     def add_history(
@@ -122,44 +171,36 @@ class TaskRepository:
     ) -> None:
         """Record one status change."""
         self._conn.execute(
-            insert(task_history).values(
-                task_id=task_id,
-                from_status=None if from_status is None else from_status.value,
-                to_status=to_status.value,
-                worker_id=worker_id,
-                at=at,
-                details=None if details is None else dict(details),
-            )
+            self._sql.insert_history,
+            {
+                "task_id": task_id,
+                "from_status": None if from_status is None else from_status.value,
+                "to_status": to_status.value,
+                "worker_id": worker_id,
+                "at": at,
+                "details": None if details is None else dict(details),
+            },
         )
 
     # -- reads --------------------------------------------------------------------------------------
 
     def get(self, task_id: str, *, for_update: bool = False) -> Task | None:
         """One task by id; ``for_update`` locks its row until the transaction ends (PostgreSQL)."""
-        stmt = select(tasks).where(tasks.c.id == task_id)
-        if for_update and self._row_locks:
-            stmt = stmt.with_for_update()
-        row = self._conn.execute(stmt).one_or_none()
+        stmt = self._sql.get_for_update if for_update else self._sql.get
+        row = self._conn.execute(stmt, {"b_id": task_id}).one_or_none()
         return None if row is None else task_from_row(row)
 
     def lease_seconds(self, task_id: str) -> int | None:
         """The lease length the task was last claimed or extended with."""
         value: int | None = self._conn.execute(
-            select(tasks.c.lease_seconds).where(tasks.c.id == task_id)
+            self._sql.lease_seconds, {"b_id": task_id}
         ).scalar_one_or_none()
         return value
 
     def expired_leases(self, now: datetime, limit: int) -> list[Task]:
         """In-progress tasks whose lease ended before ``now``, locked (skipping ones others hold)."""
-        stmt = (
-            select(tasks)
-            .where(tasks.c.status == TaskStatus.IN_PROGRESS.value, tasks.c.lease_expires_at < now)
-            .order_by(tasks.c.lease_expires_at)
-            .limit(limit)
-        )
-        if self._row_locks:
-            stmt = stmt.with_for_update(skip_locked=True)
-        return [task_from_row(row) for row in self._conn.execute(stmt)]
+        rows = self._conn.execute(self._sql.expired_leases, {"b_now": now, "b_limit": limit})
+        return [task_from_row(row) for row in rows]
 
     def history(self, task_id: str) -> list[HistoryEntry]:
         """Every status change of a task, oldest first."""
