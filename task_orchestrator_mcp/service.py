@@ -259,7 +259,7 @@ class TaskService:
             repo = TaskRepository(conn)
             task = _found(repo.get(task_id), task_id)
             history = repo.history(task_id)
-        return TaskWithHistory(**task.model_dump(), history=history)
+        return TaskWithHistory.model_construct(**dict(task), history=history)
 
     def list_tasks(
         self,
