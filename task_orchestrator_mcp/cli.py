@@ -81,7 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with quiet("task_orchestrator_mcp.db.engine", "WARNING"):
             database = open_database(settings)
     except DatabaseError as exc:
-        return _fail(f"cannot use the database {where}: {exc.detail or exc}", 1)
+        detail = f" ({exc.detail})" if exc.detail else ""
+        return _fail(f"cannot use the database {where}: {exc}{detail}", 1)
     except (TaskOrchestratorError, OSError) as exc:
         return _fail(f"cannot use the database {where}: {exc}", 1)
     logger.info("serving MCP on stdio; database {}", describe(settings.database_url))

@@ -136,6 +136,9 @@ _LOCKED = re.compile(r"database is locked|database table is locked", re.I)
 _PG_DISK_FULL = "53100"
 _PG_READ_ONLY = "25006"
 _SQLITE_READONLY = 8  # primary result code; extended codes keep it in the low byte
+# SQLSTATE classes worth retrying: connection (08), rollback/deadlock (40), resources (53),
+# operator intervention/restart (57), lock not available (55P03). Any other SQLSTATE is permanent.
+_PG_TRANSIENT = ("08", "40", "53", "57", "55P03")
 
 
 @contextmanager
@@ -149,7 +152,7 @@ def translate_errors() -> Iterator[None]:
         raise DatabaseUnavailable("The database is busy (no free connection). Retry shortly.") from exc
 
 
-def _translate(exc: sa_exc.DBAPIError) -> DatabaseError:
+def _translate(exc: sa_exc.DBAPIError) -> DatabaseError:  # noqa: PLR0911 - a table of cases
     message = str(exc.orig) if exc.orig is not None else str(exc)
     detail = message.strip().splitlines()[0] if message.strip() else type(exc).__name__
     logger.warning("database error: {}", detail)
@@ -174,6 +177,9 @@ def _translate(exc: sa_exc.DBAPIError) -> DatabaseError:
         return DatabaseUnavailable(
             "The database stayed locked past the busy timeout; nothing was changed. Retry.", detail
         )
+    if sqlstate is not None and not exc.connection_invalidated and not sqlstate.startswith(_PG_TRANSIENT):
+        # e.g. 54000 "index row size exceeds maximum": retrying would never help.
+        return DatabaseError("The database rejected the request; nothing was changed.", detail)
     if exc.connection_invalidated or isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError):
         return DatabaseUnavailable("The database is unavailable right now. Retry in a few seconds.", detail)
     return DatabaseError("The database rejected the request; nothing was changed.", detail)
