@@ -119,7 +119,6 @@ def build_server(
             clock=clock,
             worker_id=settings.worker_id,
             max_payload_bytes=settings.max_payload_bytes,
-            default_lease_seconds=settings.default_lease_seconds,
         )
         try:
             yield AppState(service=service)

@@ -35,7 +35,6 @@ class Settings(BaseSettings):
     )
     busy_timeout_ms: int = Field(default=30_000, ge=0, le=600_000)
     max_payload_bytes: int = Field(default=MIB, ge=1024, le=256 * MIB)
-    default_lease_seconds: int = Field(default=900, ge=1, le=7 * 86_400)
     worker_id: str | None = Field(default=None, description="This server's default worker id.")
 
     @field_validator("log_level", "sqlite_synchronous", mode="before")
