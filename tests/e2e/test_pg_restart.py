@@ -24,7 +24,14 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 
 from tests.e2e.processes import call, connect, run_clients, server_pids
-from tests.support import REPO_ROOT, postgres_admin_url, server_env, server_params, structured
+from tests.support import (
+    REPO_ROOT,
+    fresh_postgres_database,
+    postgres_admin_url,
+    server_env,
+    server_params,
+    structured,
+)
 
 SERVERS = 3
 UNAVAILABLE = "database is unavailable"
@@ -78,22 +85,6 @@ def _cluster_running_afterwards(version: str, admin_url: str) -> Iterator[None]:
                 time.sleep(0.2)
 
 
-@contextmanager
-def _own_database(admin_url: str) -> Iterator[str]:
-    # Not tests.support.fresh_postgres_database: its admin engine pools the connection that made the
-    # database, and that connection does not survive the restart, so dropping the database would fail.
-    name = f"tom_restart_{secrets.token_hex(6)}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
 def _is_unavailable(result: Any) -> bool:
     text_ = " ".join(getattr(block, "text", "") for block in result.content)
     return bool(result.is_error) and UNAVAILABLE in text_.lower()
@@ -108,7 +99,7 @@ async def test_servers_survive_a_postgres_restart() -> None:
     assert admin_url is not None
     version = _cluster_version()
 
-    with _cluster_running_afterwards(version, admin_url), _own_database(admin_url) as url:
+    with _cluster_running_afterwards(version, admin_url), fresh_postgres_database(admin_url) as url:
         await _restart_under_load(url, version)
 
 
