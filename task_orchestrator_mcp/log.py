@@ -52,6 +52,8 @@ def configure_logging(level: str, log_file: Path | None = None) -> None:
         )
     stdlib_level = {"TRACE": "DEBUG", "SUCCESS": "INFO"}.get(level, level)
     logging.basicConfig(handlers=[_InterceptHandler()], level=stdlib_level, force=True)
+    # Alembic announces each of its plugins at INFO on every migration: noise for our users.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 
 @contextmanager

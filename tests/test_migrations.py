@@ -5,14 +5,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from alembic.config import Config
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import create_engine, inspect, text
 
-from task_orchestrator_mcp.db.migrate import HEAD_REVISION, script_location
+from task_orchestrator_mcp.db.engine import Database
+from task_orchestrator_mcp.db.migrate import HEAD_REVISION, ensure_schema, script_location
 from task_orchestrator_mcp.db.tables import metadata
-from tests.support import REPO_ROOT
+from tests.support import REPO_ROOT, server_env
 
 
 def test_head_revision_constant_matches_alembic() -> None:
@@ -52,3 +54,28 @@ def test_alembic_cli_upgrade_check_downgrade(database_url: str) -> None:
         engine.dispose()
     again = _alembic("upgrade", "head", url=database_url)
     assert again.returncode == 0, again.stderr
+
+
+def test_a_schema_from_a_newer_release_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'future.db'}"
+    database = Database(url)
+    try:
+        ensure_schema(database)
+        with database.write() as conn:
+            conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    finally:
+        database.dispose()
+    proc = subprocess.run(
+        [sys.executable, "-m", "task_orchestrator_mcp"],
+        env=server_env(url),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "revision '9999'" in proc.stderr
+    assert "upgrade task-orchestrator-mcp" in proc.stderr

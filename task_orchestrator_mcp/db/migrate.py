@@ -16,6 +16,7 @@ from sqlalchemy import Connection, text
 from sqlalchemy import exc as sa_exc
 
 from task_orchestrator_mcp.db.engine import Database, translate_errors
+from task_orchestrator_mcp.errors import DatabaseError
 
 # The newest revision in alembic/versions; a test keeps this equal to Alembic's own head.
 HEAD_REVISION = "0001"
@@ -80,11 +81,21 @@ def _upgrade_postgres(database: Database) -> None:
 
 def _run_alembic(conn: Connection) -> None:
     from alembic.config import Config
+    from alembic.util import CommandError
 
     from alembic import command
 
-    logger.info("upgrading the database schema to {}", HEAD_REVISION)
+    found = current_revision(conn)
+    logger.info("upgrading the database schema from {} to {}", found or "nothing", HEAD_REVISION)
     config = Config()
     config.set_main_option("script_location", str(script_location()))
     config.attributes["connection"] = conn
-    command.upgrade(config, "head")
+    try:
+        command.upgrade(config, "head")
+    except CommandError as exc:
+        # Typically a database migrated by a newer release: never guess, never downgrade.
+        raise DatabaseError(
+            f"The database schema is at revision {found!r}, which this version of task-orchestrator-mcp "
+            f"(schema {HEAD_REVISION}) does not know; upgrade task-orchestrator-mcp.",
+            str(exc).splitlines()[0] if str(exc) else None,
+        ) from exc
