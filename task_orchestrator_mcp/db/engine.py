@@ -45,6 +45,13 @@ class Database:
         else:
             raise DatabaseError(f"Unsupported database {self.dialect!r}: use sqlite or postgresql.")
         self._writer = self.engine.execution_options(**{_WRITE: True})
+        # PostgreSQL's default READ COMMITTED gives each statement its own snapshot; a read of a task
+        # and then its history must see one moment. (SQLite's BEGIN already gives one snapshot.)
+        self._reader = (
+            self.engine.execution_options(isolation_level="REPEATABLE READ")
+            if self.dialect == "postgresql"
+            else self.engine
+        )
         event.listen(self.engine, "handle_error", _recycle_read_only)
 
     @property
@@ -61,7 +68,7 @@ class Database:
     @contextmanager
     def read(self) -> Iterator[Connection]:
         """A read transaction: one consistent snapshot for every query inside it."""
-        with translate_errors(), self.engine.begin() as conn:
+        with translate_errors(), self._reader.begin() as conn:
             yield conn
 
     def dispose(self) -> None:
