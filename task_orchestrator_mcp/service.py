@@ -139,16 +139,15 @@ class TaskService:
                     f"Task {task_id} is already {task.status.value}; only pending or in_progress tasks "
                     "can be cancelled."
                 )
-            updated = repo.update_task(
-                task_id,
-                {
-                    "status": TaskStatus.CANCELLED.value,
-                    "updated_at": now,
-                    "completed_at": now,
-                    "lease_expires_at": None,
-                    "error": reason,
-                },
-            )
+            values: dict[str, Any] = {
+                "status": TaskStatus.CANCELLED.value,
+                "updated_at": now,
+                "completed_at": now,
+                "lease_expires_at": None,
+            }
+            if reason is not None:  # without a reason, the last error (if any) stays readable
+                values["error"] = reason
+            updated = repo.update_task(task_id, values)
             repo.add_history(
                 task_id,
                 task.status,
@@ -293,7 +292,10 @@ class TaskService:
             again = task.attempts < task.max_attempts
             to = TaskStatus.PENDING if again else TaskStatus.FAILED
             error = None if again else f"Lease expired on attempt {task.attempts} of {task.max_attempts}."
-            repo.update_task(task.task_id, _release(to, now, error))
+            values = _release(to, now, error)
+            if again:
+                del values["error"]  # a lease running out is no error; keep the last real one
+            repo.update_task(task.task_id, values)
             repo.add_history(
                 task.task_id,
                 TaskStatus.IN_PROGRESS,

@@ -169,7 +169,6 @@ class QueueMachine(RuleBasedStateMachine):
             t.lease_expires_at = None
             if again:
                 t.worker = None
-                t.error = None
             else:
                 t.error = f"Lease expired on attempt {t.attempts} of {t.max_attempts}."
                 t.completed_at = self.now
@@ -321,7 +320,8 @@ class QueueMachine(RuleBasedStateMachine):
             (task.status, CANCELLED, task.worker, self.now, None if reason is None else {"reason": reason})
         )
         task.status = CANCELLED
-        task.error = reason
+        if reason is not None:
+            task.error = reason
         task.updated_at = task.completed_at = self.now
         task.lease_expires_at = None
         self._compare(got, task)

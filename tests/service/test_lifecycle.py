@@ -222,3 +222,17 @@ def test_unknown_task_ids(service: TaskService) -> None:
     for call in calls:
         with pytest.raises(TaskNotFound, match="No task with id 'nope'"):
             call()
+
+
+def test_last_error_survives_lease_expiry_and_a_cancel_without_reason(
+    service: TaskService, clock: FakeClock
+) -> None:
+    created = service.create_task(DIR, "p", max_attempts=5)
+    service.acquire_task(DIR, "w1")
+    service.fail_task(created.task_id, "flaky network", "w1")
+    service.acquire_task(DIR, "w2", lease_seconds=10)
+    clock.advance(11)
+    assert service.acquire_task("/elsewhere", "w3") is None  # recovery runs on any acquire
+    recovered = service.get_task(created.task_id)
+    assert (recovered.status, recovered.error) == (TaskStatus.PENDING, "flaky network")
+    assert service.cancel_task(created.task_id).error == "flaky network"
