@@ -62,8 +62,9 @@ def ensure_schema(database: Database) -> None:
 def _upgrade_sqlite(database: Database) -> None:
     # BEGIN IMMEDIATE is the lock: other starting servers wait (busy_timeout), then see head.
     with database.write() as conn:
-        if current_revision(conn) != HEAD_REVISION:
-            _run_alembic(conn)
+        found = current_revision(conn)
+        if found != HEAD_REVISION:
+            _run_alembic(conn, found)
 
 
 def _upgrade_postgres(database: Database) -> None:
@@ -72,20 +73,20 @@ def _upgrade_postgres(database: Database) -> None:
         conn.commit()
         try:
             with conn.begin():
-                if current_revision(conn) != HEAD_REVISION:
-                    _run_alembic(conn)
+                found = current_revision(conn)
+                if found != HEAD_REVISION:
+                    _run_alembic(conn, found)
         finally:
             conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _PG_LOCK_KEY})
             conn.commit()
 
 
-def _run_alembic(conn: Connection) -> None:
+def _run_alembic(conn: Connection, found: str | None) -> None:
     from alembic.config import Config
     from alembic.util import CommandError
 
     from alembic import command
 
-    found = current_revision(conn)
     logger.info("upgrading the database schema from {} to {}", found or "nothing", HEAD_REVISION)
     config = Config()
     config.set_main_option("script_location", str(script_location()))
