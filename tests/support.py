@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import secrets
+import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -73,6 +74,34 @@ def server_params(database_url: str, **extra: str) -> StdioServerParameters:
     return StdioServerParameters(
         command=sys.executable, args=["-m", "task_orchestrator_mcp"], env=server_env(database_url, **extra)
     )
+
+
+def run_server_once(
+    env: dict[str, str], *args: str, python_flags: Sequence[str] = ()
+) -> subprocess.CompletedProcess[str]:
+    """Run the real server with no client (stdin at EOF) and return how it ended: for start-up checks."""
+    return subprocess.run(
+        [sys.executable, *python_flags, "-m", "task_orchestrator_mcp", *args],
+        env=env,
+        cwd=REPO_ROOT,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def sqlite_integrity_ok(database_url: str) -> None:
+    """SQLite's own consistency check (PostgreSQL has none to ask; its tables are checked by use)."""
+    if make_url(database_url).get_backend_name() != "sqlite":
+        return
+    engine = create_engine(database_url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("PRAGMA integrity_check")).scalars().all() == ["ok"]
+    finally:
+        engine.dispose()
 
 
 def structured(result: Any) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from sqlalchemy import create_engine, inspect, text
 from task_orchestrator_mcp.db.engine import Database
 from task_orchestrator_mcp.db.migrate import HEAD_REVISION, ensure_schema, script_location
 from task_orchestrator_mcp.db.tables import metadata
-from tests.support import REPO_ROOT, server_env
+from tests.support import REPO_ROOT, run_server_once, server_env
 
 
 def test_head_revision_constant_matches_alembic() -> None:
@@ -65,15 +65,7 @@ def test_a_schema_from_a_newer_release_stops_start_up_with_one_line(tmp_path: Pa
             conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
     finally:
         database.dispose()
-    proc = subprocess.run(
-        [sys.executable, "-m", "task_orchestrator_mcp"],
-        env=server_env(url),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    proc = run_server_once(server_env(url))
     assert proc.returncode == 1
     assert proc.stdout == ""
     assert proc.stderr.count("\n") == 1, proc.stderr

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import anyio
@@ -16,7 +15,7 @@ from sqlalchemy.engine import make_url
 from task_orchestrator_mcp.db.migrate import HEAD_REVISION
 from task_orchestrator_mcp.db.tables import metadata
 from tests.e2e.processes import call, connect, run_clients, server_pids
-from tests.support import REPO_ROOT, server_env, server_params, structured
+from tests.support import run_server_once, server_env, server_params, structured
 
 SERVERS = 8
 # Alembic's own INFO line for each migration it applies (routed into the server's log file).
@@ -79,16 +78,7 @@ def _start_and_stop(database_url: str) -> tuple[set[str], subprocess.CompletedPr
 
     Returns every module it imported, and the finished process.
     """
-    finished = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "task_orchestrator_mcp"],
-        env=server_env(database_url),
-        cwd=REPO_ROOT,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    finished = run_server_once(server_env(database_url), python_flags=("-X", "importtime"))
     return set(_IMPORTED.findall(finished.stderr)), finished
 
 

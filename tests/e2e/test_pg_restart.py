@@ -9,7 +9,6 @@ from __future__ import annotations
 import secrets
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,9 +24,9 @@ from sqlalchemy.engine import make_url
 
 from tests.e2e.processes import call, connect, run_clients, server_pids
 from tests.support import (
-    REPO_ROOT,
     fresh_postgres_database,
     postgres_admin_url,
+    run_server_once,
     server_env,
     server_params,
     structured,
@@ -213,19 +212,6 @@ async def _restart_under_load(url: str, version: str) -> None:
     assert set(background_acks) <= stored
 
 
-def _start_server(database_url: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "task_orchestrator_mcp"],
-        env=server_env(database_url),
-        cwd=REPO_ROOT,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
 def _assert_one_line_failure(finished: subprocess.CompletedProcess[str], shown_url: str) -> str:
     assert finished.returncode != 0
     assert finished.stdout == ""
@@ -240,7 +226,7 @@ def test_unreachable_postgres_at_start_is_one_line_and_non_zero_exit() -> None:
     """Nothing listens at the URL: one line on stderr naming the database, and a non-zero exit."""
     pytest.importorskip("psycopg")
     url = "postgresql+psycopg://postgres@127.0.0.1:1/nowhere"
-    line = _assert_one_line_failure(_start_server(url), url)
+    line = _assert_one_line_failure(run_server_once(server_env(url)), url)
     assert "refused" in line.lower()
 
 
@@ -250,6 +236,6 @@ def test_missing_postgres_database_at_start_is_one_line_and_non_zero_exit() -> N
     admin_url = postgres_admin_url()
     assert admin_url is not None
     url = make_url(admin_url).set(database=f"tom_missing_{secrets.token_hex(4)}")
-    finished = _start_server(url.render_as_string(hide_password=False))
+    finished = run_server_once(server_env(url.render_as_string(hide_password=False)))
     line = _assert_one_line_failure(finished, url.render_as_string(hide_password=True))
     assert "does not exist" in line

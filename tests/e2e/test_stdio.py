@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from mcp import Client
 
-from tests.support import server_env, server_params, structured
+from tests.support import run_server_once, server_env, server_params, structured
 
 INIT = {
     "jsonrpc": "2.0",
@@ -108,18 +108,6 @@ def test_stdout_carries_only_json_rpc_at_every_log_level(tmp_path: Path, level: 
     assert stderr.strip(), "logs belong on stderr"
 
 
-def _run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "task_orchestrator_mcp", *args],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
-
-
 @pytest.mark.parametrize(
     ("extra_env", "args", "expected"),
     [
@@ -139,7 +127,7 @@ def test_invalid_settings_stop_with_one_line(
 ) -> None:
     env = server_env(f"sqlite:///{tmp_path / 't.db'}")
     env.update(extra_env)
-    proc = _run_cli(*args, env=env)
+    proc = run_server_once(env, *args)
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr.count("\n") == 1, proc.stderr
@@ -150,7 +138,7 @@ def test_invalid_settings_stop_with_one_line(
 def test_unusable_database_path_stops_with_one_line(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    proc = _run_cli(env=server_env(f"sqlite:///{blocker / 'tasks.db'}"))
+    proc = run_server_once(server_env(f"sqlite:///{blocker / 'tasks.db'}"))
     assert proc.returncode == 1
     assert proc.stdout == ""
     assert proc.stderr.count("\n") == 1, proc.stderr
@@ -178,6 +166,6 @@ def test_flags_override_environment_and_log_file(tmp_path: Path) -> None:
 
 
 def test_version_flag() -> None:
-    proc = _run_cli("--version", env=server_env("sqlite:////tmp/unused.db"))
+    proc = run_server_once(server_env("sqlite:////tmp/unused.db"), "--version")
     assert proc.returncode == 0
     assert proc.stdout.startswith("task-orchestrator-mcp ")

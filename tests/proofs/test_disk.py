@@ -36,7 +36,7 @@ from sqlalchemy.engine import make_url
 from task_orchestrator_mcp.db.engine import Database
 from task_orchestrator_mcp.db.migrate import ensure_schema
 from task_orchestrator_mcp.service import TaskService
-from tests.support import error_text, server_env, server_params, structured
+from tests.support import error_text, server_env, server_params, sqlite_integrity_ok, structured
 
 LAUNCHER = Path(__file__).with_name("limited_server.py")
 SERVER = [sys.executable, "-m", "task_orchestrator_mcp"]
@@ -83,16 +83,6 @@ def seed(database_url: str) -> dict[str, Any]:
         }
     finally:
         db.dispose()  # the last connection checkpoints: the data is in the main file now
-
-
-def integrity_ok(database_url: str) -> None:
-    """SQLite's own consistency check."""
-    engine = create_engine(database_url)
-    try:
-        with engine.connect() as conn:
-            assert conn.execute(text("PRAGMA integrity_check")).scalars().all() == ["ok"]
-    finally:
-        engine.dispose()
 
 
 async def assert_stored(client: Client, stored: dict[str, Any]) -> None:
@@ -213,7 +203,7 @@ async def test_read_only_database_refuses_writes_clearly_then_resumes(
                 == (stored["done"])
             )
     if make_url(database_url).get_backend_name() == "sqlite":
-        integrity_ok(database_url)
+        sqlite_integrity_ok(database_url)
 
 
 def test_read_only_directory_stops_the_server_with_one_clear_line(tmp_path: Path) -> None:
@@ -252,7 +242,7 @@ def test_read_only_directory_stops_the_server_with_one_clear_line(tmp_path: Path
             assert service.get_task(task["task_id"]).model_dump(mode="json") == task
     finally:
         db.dispose()
-    integrity_ok(url)
+    sqlite_integrity_ok(url)
 
 
 # -- the disk fills up ----------------------------------------------------------------------------
@@ -317,7 +307,7 @@ async def test_file_size_limit_refuses_writes_clearly_and_loses_nothing(tmp_path
     async with Client(server_params(url), mode="legacy") as client:
         await assert_stored(client, stored)
         await work_resumes(client, acknowledged)
-    integrity_ok(url)
+    sqlite_integrity_ok(url)
 
 
 @contextmanager
@@ -358,4 +348,4 @@ async def test_full_disk_refuses_writes_clearly_then_resumes_in_the_same_process
             ballast.unlink()  # space returns
             await work_resumes(client, acknowledged)
             await assert_stored(client, {"done": stored["done"]})
-        integrity_ok(url)
+        sqlite_integrity_ok(url)

@@ -35,7 +35,7 @@ from mcp import Client
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from tests.support import server_env, server_params, structured
+from tests.support import server_env, server_params, sqlite_integrity_ok, structured
 
 # Bounds that only turn a hang into a failure; nothing here waits for them on the happy path.
 ANSWER_DEADLINE = 60.0
@@ -217,18 +217,6 @@ def assert_clean_exit(server: RawServer) -> None:
     assert "Traceback" not in server.stderr, server.stderr
 
 
-def integrity_ok(database_url: str) -> None:
-    """SQLite's own consistency check (PostgreSQL has none to ask; its tables are checked by use)."""
-    if make_url(database_url).get_backend_name() != "sqlite":
-        return
-    engine = create_engine(database_url)
-    try:
-        with engine.connect() as conn:
-            assert conn.execute(text("PRAGMA integrity_check")).scalars().all() == ["ok"]
-    finally:
-        engine.dispose()
-
-
 # -- malformed input ------------------------------------------------------------------------------
 
 GARBAGE_LINES = [
@@ -290,7 +278,7 @@ def test_malformed_lines_leave_the_server_serving(tmp_path: Path) -> None:
 
         server.close_stdin()
         assert_clean_exit(server)
-    integrity_ok(url)
+    sqlite_integrity_ok(url)
 
 
 @pytest.mark.xfail(
@@ -346,7 +334,7 @@ def test_notifications_at_odd_times_are_ignored(tmp_path: Path) -> None:
         assert created["result"]["isError"] is False
         server.close_stdin()
         assert_clean_exit(server)
-    integrity_ok(url)
+    sqlite_integrity_ok(url)
 
 
 # -- clients that vanish mid-call -----------------------------------------------------------------
@@ -429,4 +417,4 @@ async def test_client_vanishing_mid_call_harms_no_shared_database(database_url: 
         final = structured(await live.call_tool("get_task", {"task_id": before["task_id"]}))
         assert final["status"] == "completed"
         assert [h["to_status"] for h in final["history"]] == ["pending", "in_progress", "completed"]
-    integrity_ok(database_url)
+    sqlite_integrity_ok(database_url)
