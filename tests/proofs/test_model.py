@@ -98,6 +98,16 @@ class ModelTask:
         return (self.rank, self.created_at, self.task_id)
 
 
+def _caller(task: ModelTask, worker: str | None, as_holder: bool) -> tuple[str | None, str]:
+    """The worker argument to pass (None for the service's default) and who that really is.
+
+    With ``as_holder`` the call is made as the task's current holder, when it has one.
+    """
+    if as_holder and task.worker is not None:
+        worker = None if task.worker == DEFAULT_WORKER else task.worker
+    return worker, worker or DEFAULT_WORKER
+
+
 class QueueMachine(RuleBasedStateMachine):
     """The state machine; :func:`machine_for` binds it to a database factory."""
 
@@ -247,9 +257,8 @@ class QueueMachine(RuleBasedStateMachine):
     def heartbeat(self, task_id: str, worker: str | None, as_holder: bool, lease: int | None) -> None:
         """Extend a lease (usually by the holder; sometimes by someone else, who must be refused)."""
         task = self.model[task_id]
-        if as_holder and task.worker is not None:
-            worker = None if task.worker == DEFAULT_WORKER else task.worker
-        refusal = self._refusal(task, worker or DEFAULT_WORKER)
+        worker, actor = _caller(task, worker, as_holder)
+        refusal = self._refusal(task, actor)
         if refusal is not None:
             with pytest.raises(refusal):
                 self.service.heartbeat_task(task_id, worker, lease)
@@ -265,9 +274,7 @@ class QueueMachine(RuleBasedStateMachine):
     def complete(self, task_id: str, worker: str | None, as_holder: bool, result: Any) -> None:
         """Finish a task with a result (refused unless the worker holds it)."""
         task = self.model[task_id]
-        if as_holder and task.worker is not None:
-            worker = None if task.worker == DEFAULT_WORKER else task.worker
-        actor = worker or DEFAULT_WORKER
+        worker, actor = _caller(task, worker, as_holder)
         refusal = self._refusal(task, actor)
         if refusal is not None:
             with pytest.raises(refusal):
@@ -285,9 +292,7 @@ class QueueMachine(RuleBasedStateMachine):
     def fail(self, task_id: str, worker: str | None, as_holder: bool, error: str, retry: bool) -> None:
         """Report a failure: back to pending while attempts remain and retry is asked for, else failed."""
         task = self.model[task_id]
-        if as_holder and task.worker is not None:
-            worker = None if task.worker == DEFAULT_WORKER else task.worker
-        actor = worker or DEFAULT_WORKER
+        worker, actor = _caller(task, worker, as_holder)
         refusal = self._refusal(task, actor)
         if refusal is not None:
             with pytest.raises(refusal):
