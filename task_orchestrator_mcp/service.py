@@ -21,7 +21,13 @@ from loguru import logger
 
 from task_orchestrator_mcp.db.engine import Database
 from task_orchestrator_mcp.db.repository import PRIORITY_RANK, ListFilter, TaskRepository
-from task_orchestrator_mcp.errors import InvalidInput, InvalidTransition, NotLeaseHolder, TaskNotFound
+from task_orchestrator_mcp.errors import (
+    InvalidInput,
+    InvalidTransition,
+    NotLeaseHolder,
+    TaskNotFound,
+    TaskOrchestratorError,
+)
 from task_orchestrator_mcp.models import (
     Priority,
     Task,
@@ -96,7 +102,7 @@ class TaskService:
         prio = _priority(priority)
         clean_tags = _tags(tags)
         max_attempts = _int_in_range(max_attempts, "max_attempts", 1, MAX_ATTEMPTS_LIMIT)
-        with self._db.write() as conn:
+        with self._db.transaction(write=True) as conn:
             now = self._now()
             task_id = _new_task_id(now)
             repo = TaskRepository(conn)
@@ -130,7 +136,7 @@ class TaskService:
         task_id = _task_id(task_id)
         if reason is not None:
             reason = self._check_text(reason, "reason", allow_empty=True)
-        with self._db.write() as conn:
+        with self._db.transaction(write=True) as conn:
             now = self._now()
             repo = TaskRepository(conn)
             task = _found(repo.get(task_id, for_update=True), task_id)
@@ -171,7 +177,7 @@ class TaskService:
         directory = normalise_directory(work_directory)
         worker = self._worker(worker_id)
         lease = self._lease(lease_seconds)
-        with self._db.write() as conn:
+        with self._db.transaction(write=True) as conn:
             now = self._now()
             repo = TaskRepository(conn)
             self._recover_expired(repo, now)
@@ -194,7 +200,7 @@ class TaskService:
         task_id = _task_id(task_id)
         worker = self._worker(worker_id)
         lease = None if lease_seconds is None else self._lease(lease_seconds)
-        with self._db.write() as conn:
+        with self._db.transaction(write=True) as conn:
             now = self._now()
             repo = TaskRepository(conn)
             self._held(repo, task_id, worker, "heartbeat")
@@ -213,12 +219,13 @@ class TaskService:
         task_id = _task_id(task_id)
         worker = self._worker(worker_id)
         result = self._check_result(result)
-        with self._db.write() as conn:
+        with self._db.transaction(write=True) as conn:
             now = self._now()
             repo = TaskRepository(conn)
-            self._held(repo, task_id, worker, "complete")
-            updated = repo.update_task(
+            # One guarded statement on the hot path; the task is read only to explain a refusal.
+            updated = repo.update_held_task(
                 task_id,
+                worker,
                 {
                     "status": TaskStatus.COMPLETED.value,
                     "result": result,
@@ -227,6 +234,8 @@ class TaskService:
                     "lease_expires_at": None,
                 },
             )
+            if updated is None:
+                raise _refusal(_found(repo.get(task_id), task_id), worker, "complete")
             repo.add_history(task_id, TaskStatus.IN_PROGRESS, TaskStatus.COMPLETED, worker, now)
         return updated
 
@@ -237,7 +246,7 @@ class TaskService:
         error = self._check_text(error, "error")
         if not isinstance(retry, bool):
             raise InvalidInput("retry must be true or false.")
-        with self._db.write() as conn:
+        with self._db.transaction(write=True) as conn:
             now = self._now()
             repo = TaskRepository(conn)
             task = self._held(repo, task_id, worker, "fail")
@@ -254,11 +263,11 @@ class TaskService:
     def get_task(self, task_id: str) -> TaskWithHistory:
         """A task and its full history."""
         task_id = _task_id(task_id)
-        with self._db.read() as conn:
+        with self._db.transaction(write=False) as conn:
             repo = TaskRepository(conn)
             task = _found(repo.get(task_id), task_id)
             history = repo.history(task_id)
-        return TaskWithHistory.model_construct(**dict(task), history=history)
+        return TaskWithHistory.model_validate({**dict(task), "history": history})
 
     def list_tasks(
         self,
@@ -278,7 +287,7 @@ class TaskService:
         )
         limit = _int_in_range(limit, "limit", 1, MAX_LIST_LIMIT)
         after = None if cursor is None else _decode_cursor(cursor)
-        with self._db.read() as conn:
+        with self._db.transaction(write=False) as conn:
             rows = TaskRepository(conn).list_page(flt, after, limit + 1, LIST_PROMPT_CHARS)
         more = len(rows) > limit
         rows = rows[:limit]
@@ -311,18 +320,7 @@ class TaskService:
         task = _found(repo.get(task_id, for_update=True), task_id)
         if task.status is TaskStatus.IN_PROGRESS and task.worker_id == worker:
             return task
-        if task.status is TaskStatus.IN_PROGRESS:
-            raise NotLeaseHolder(
-                f"Cannot {action} task {task_id}: it is held by worker {task.worker_id!r}, not {worker!r}. "
-                "Your lease may have expired and the task been claimed again; drop this task."
-            )
-        if task.status is TaskStatus.PENDING:
-            raise NotLeaseHolder(
-                f"Cannot {action} task {task_id}: it is pending, not held by anyone"
-                + (" (your lease expired and it went back to the queue)" if task.attempts else "")
-                + ". Acquire a task first."
-            )
-        raise InvalidTransition(f"Cannot {action} task {task_id}: it is already {task.status.value}.")
+        raise _refusal(task, worker, action)
 
     def _now(self) -> datetime:
         now = self._clock()
@@ -486,6 +484,25 @@ def _found(task: Task | None, task_id: str) -> Task:
     if task is None:
         raise TaskNotFound(task_id)
     return task
+
+
+def _refusal(task: Task, worker: str, action: str) -> TaskOrchestratorError:
+    """Why ``worker`` may not ``action`` the task as it is now."""
+    task_id = task.task_id
+    if task.status is TaskStatus.IN_PROGRESS and task.worker_id != worker:
+        return NotLeaseHolder(
+            f"Cannot {action} task {task_id}: it is held by worker {task.worker_id!r}, not {worker!r}. "
+            "Your lease may have expired and the task been claimed again; drop this task."
+        )
+    if task.status is TaskStatus.IN_PROGRESS:  # held by this worker again: it changed under the call
+        return InvalidTransition(f"Task {task_id} changed while you tried to {action} it; retry.")
+    if task.status is TaskStatus.PENDING:
+        return NotLeaseHolder(
+            f"Cannot {action} task {task_id}: it is pending, not held by anyone"
+            + (" (your lease expired and it went back to the queue)" if task.attempts else "")
+            + ". Acquire a task first."
+        )
+    return InvalidTransition(f"Cannot {action} task {task_id}: it is already {task.status.value}.")
 
 
 def _release(to: TaskStatus, now: datetime, error: str | None) -> dict[str, Any]:

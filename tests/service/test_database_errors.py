@@ -17,7 +17,7 @@ def test_permanent_postgres_error_is_not_called_unavailable(database: Database) 
     # Bypass the service's own limit to reach PostgreSQL's: an index entry over ~2.7 kB (SQLSTATE 54000).
     now = datetime.now(UTC)
     huge_directory = "/" + secrets.token_hex(4000)
-    with pytest.raises(DatabaseError) as caught, database.write() as conn:
+    with pytest.raises(DatabaseError) as caught, database.transaction(write=True) as conn:
         TaskRepository(conn).insert_task(
             {
                 "id": "t1", "work_directory": huge_directory, "prompt": "p", "priority": 1, "tags": [],
