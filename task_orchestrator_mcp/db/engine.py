@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +25,9 @@ from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 from task_orchestrator_mcp.errors import DatabaseError, DatabaseUnavailable, StorageError
 
 _WRITE = "task_orchestrator_write"
+# A PostgreSQL connection used this recently is trusted without a ping. A server restart takes longer
+# than this, and a connection that fails mid-restart recycles the whole pool (see _recycle).
+_PG_TRUST_SECONDS = 1.0
 
 
 class DriverConnection:
@@ -77,10 +81,10 @@ class Database:
             else self.engine
         )
         event.listen(self.engine, "handle_error", _recycle_read_only)
-        # SQLite: driver connections kept between transactions, tagged with the generation they were
-        # opened in. Returning one to SQLAlchemy's pool and taking it out again costs more than a
-        # SQLite transaction; PostgreSQL's go back every time, so the pool pings them on checkout.
-        self._idle: list[tuple[int, PoolProxiedConnection]] = []
+        # Driver connections kept between transactions, tagged with the generation they were opened
+        # in and when they were last used: a round trip through SQLAlchemy's pool costs more than a
+        # SQLite transaction, and on PostgreSQL its pre-ping is one more round trip per transaction.
+        self._idle: list[tuple[int, PoolProxiedConnection, float]] = []
         self._generation = 0
 
     @property
@@ -112,11 +116,15 @@ class Database:
             self._checkin(generation, fairy, write)
 
     def _checkout(self) -> tuple[int, PoolProxiedConnection]:
-        if self.is_sqlite:
+        now = time.monotonic()
+        while self._idle:
             try:
-                return self._idle.pop()  # atomic under the GIL: no lock needed
+                generation, fairy, used = self._idle.pop()  # atomic under the GIL: no lock needed
             except IndexError:
-                pass
+                break
+            if self.is_sqlite or now - used < _PG_TRUST_SECONDS:
+                return generation, fairy
+            fairy.close()  # idle a while: back to the pool, which pings it before handing it out again
         generation = self._generation
         # The pool pings PostgreSQL connections here (pool_pre_ping) and reconnects if one is stale.
         try:
@@ -131,14 +139,13 @@ class Database:
     def _checkin(self, generation: int, fairy: PoolProxiedConnection, write: bool) -> None:
         if not fairy.is_valid:
             fairy.close()
-        elif not self.is_sqlite:
-            if not write:
-                _reset_isolation(fairy.driver_connection)
-            fairy.close()
-        elif generation != self._generation:  # opened before the pool was recycled
+            return
+        if generation != self._generation:  # opened before the pool was recycled
             fairy.invalidate()
-        else:
-            self._idle.append((generation, fairy))
+            return
+        if not self.is_sqlite and not write:
+            _reset_isolation(fairy.driver_connection)
+        self._idle.append((generation, fairy, time.monotonic()))
 
     def _recycle(self, fairy: PoolProxiedConnection, exc: Exception) -> None:
         """Drop this connection and every pooled one, as SQLAlchemy does on a disconnect."""
@@ -146,7 +153,7 @@ class Database:
         self.engine.pool._invalidate(fairy, exc)
         while self._idle:
             try:
-                _, idle = self._idle.pop()
+                idle = self._idle.pop()[1]
             except IndexError:
                 break
             idle.invalidate()

@@ -7,8 +7,8 @@ that machinery cost more than SQLite takes to run the statement, and three to fo
 driver on a claim. The price is that values cross the driver boundary here, in :class:`_Codec`,
 instead of in column types: timestamps and JSON, the only columns that need it.
 
-Rows become models in one place per shape (:meth:`TaskRepository._task`, :meth:`_summary`), validated
-by pydantic in one call per row.
+Rows become models in one place per shape (:func:`task_fields`, :meth:`TaskRepository._summaries`),
+validated by pydantic (a list page in one call).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from pydantic import TypeAdapter
+from pydantic_core import from_json
 from sqlalchemy import Dialect, Integer, and_, bindparam, exists, func, insert, or_, select, update
 from sqlalchemy.sql import ClauseElement
 
@@ -56,6 +58,7 @@ _TIME_COLUMNS = frozenset(
     if isinstance(column.type, UTCDateTime)
 )
 _JSON_COLUMNS = frozenset({"tags", "result", "details"})
+_SUMMARIES = TypeAdapter(list[TaskSummary])
 _PENDING, _IN_PROGRESS = TaskStatus.PENDING.value, TaskStatus.IN_PROGRESS.value
 
 
@@ -197,21 +200,6 @@ def _list_page(
     )
 
 
-_SUMMARY_COLUMNS = (
-    "id",
-    "work_directory",
-    "prompt",
-    "prompt_truncated",
-    "priority",
-    "tags",
-    "status",
-    "worker_id",
-    "attempts",
-    "max_attempts",
-    "created_at",
-    "updated_at",
-    "lease_expires_at",
-)
 _HISTORY_COLUMNS = ("from_status", "to_status", "worker_id", "at", "details")
 
 
@@ -265,7 +253,7 @@ class _Codec:
 
     def json_out(self, value: Any) -> Any:
         # psycopg has already decoded JSONB (and a JSON string value must stay a string).
-        return json.loads(value) if self.sqlite and value is not None else value
+        return from_json(value) if self.sqlite and value is not None else value
 
     def values_in(self, values: Mapping[str, Any]) -> dict[str, Any]:
         """Column values (keyed by column name) as the driver takes them."""
@@ -493,7 +481,7 @@ class TaskRepository:
         rows = self._run(
             ("list", shape, prompt_chars), lambda: _list_page(shape, prompt_chars), given
         ).fetchall()
-        return [self._summary(row) for row in rows]
+        return self._summaries(rows)
 
     # -- rows to models -----------------------------------------------------------------------------
 
@@ -501,23 +489,27 @@ class TaskRepository:
         """The single door from a full ``tasks`` row to a :class:`Task`."""
         return Task.model_validate(task_fields(row, self._codec.json_out))
 
-    def _summary(self, row: Sequence[Any]) -> TaskSummary:
-        return TaskSummary.model_validate(
-            {
-                "task_id": row[0],
-                "work_directory": row[1],
-                "prompt": row[2],
-                "prompt_truncated": bool(row[3]),
-                "priority": _PRIORITY_BY_RANK[row[4]],
-                "tags": self._codec.json_out(row[5]),
-                "status": row[6],
-                "worker_id": row[7],
-                "attempts": row[8],
-                "max_attempts": row[9],
-                "created_at": _time_out(row[10]),
-                "updated_at": _time_out(row[11]),
-                "lease_expires_at": _time_out(row[12]),
-            }
+    def _summaries(self, rows: Sequence[Sequence[Any]]) -> list[TaskSummary]:
+        json_out = self._codec.json_out
+        return _SUMMARIES.validate_python(
+            [
+                {
+                    "task_id": row[0],
+                    "work_directory": row[1],
+                    "prompt": row[2],
+                    "prompt_truncated": bool(row[3]),
+                    "priority": _PRIORITY_BY_RANK[row[4]],
+                    "tags": json_out(row[5]),
+                    "status": row[6],
+                    "worker_id": row[7],
+                    "attempts": row[8],
+                    "max_attempts": row[9],
+                    "created_at": _time_out(row[10]),
+                    "updated_at": _time_out(row[11]),
+                    "lease_expires_at": _time_out(row[12]),
+                }
+                for row in rows
+            ]
         )
 
 
