@@ -13,15 +13,15 @@ validated by pydantic (a list page in one call).
 
 from __future__ import annotations
 
-import json
 import weakref
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from operator import itemgetter
 from typing import Any
 
 from pydantic import TypeAdapter
-from pydantic_core import from_json
+from pydantic_core import from_json, to_json
 from sqlalchemy import Dialect, Integer, and_, bindparam, exists, func, insert, or_, select, update
 from sqlalchemy.sql import ClauseElement
 
@@ -80,7 +80,9 @@ class _Prepared:
     """A statement compiled for one dialect: its SQL, and how to lay out its parameters."""
 
     sql: str
-    order: tuple[str, ...] | None  # parameter names in order (qmark), or None (named: pyformat)
+    # Positional dialects (SQLite's qmark): the parameter tuple from a dict of values, in order.
+    # Named dialects (psycopg's pyformat): None, and the dict is passed as it is.
+    layout: Callable[[Mapping[str, Any]], tuple[Any, ...]] | None
     fixed: Mapping[str, Any]  # the statement's own literals (``status = 'pending'``, ``LIMIT 1``)
 
     @classmethod
@@ -88,14 +90,24 @@ class _Prepared:
         compiled: Any = stmt.compile(dialect=dialect, column_keys=list(column_keys) if column_keys else None)
         if "POSTCOMPILE" in compiled.string:  # an expanding parameter: the SQL would vary per call
             raise RuntimeError(f"cannot prepare {compiled.string!r}")
-        # Names the caller must give are REQUIRED (insert columns) or None (bindparam without a value).
-        fixed = {k: v for k, v in compiled.params.items() if v is not None and type(v).__name__ != "symbol"}
-        order = tuple(compiled.positiontup) if compiled.positional and compiled.positiontup else None
-        return cls(compiled.string, order, fixed)
+        # Required: insert columns and bindparam()s without a value, which every call gives.
+        fixed = {k: v for k, v in compiled.params.items() if not compiled.binds[k].required}
+        layout = None
+        if compiled.positional:
+            order = tuple(compiled.positiontup or ())
+            getter = itemgetter(*order) if order else None
+            layout = (
+                (lambda _values: ())
+                if getter is None
+                else (lambda values: (getter(values),))
+                if len(order) == 1
+                else getter
+            )
+        return cls(compiled.string, layout, fixed)
 
-    def params(self, given: Mapping[str, Any]) -> Sequence[Any] | dict[str, Any]:
-        values = {**self.fixed, **given}
-        return values if self.order is None else tuple(values[name] for name in self.order)
+    def params(self, given: Mapping[str, Any]) -> tuple[Any, ...] | dict[str, Any]:
+        values = {**self.fixed, **given} if self.fixed else dict(given)
+        return values if self.layout is None else self.layout(values)
 
 
 _PREPARED: weakref.WeakKeyDictionary[Dialect, dict[Hashable, _Prepared]] = weakref.WeakKeyDictionary()
@@ -248,7 +260,7 @@ class _Codec:
         if value is None:
             return None
         if self.sqlite:
-            return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+            return to_json(value).decode()
         return self._jsonb(value)
 
     def json_out(self, value: Any) -> Any:
