@@ -16,7 +16,7 @@ from task_orchestrator_mcp.db.engine import Database
 from task_orchestrator_mcp.db.migrate import ensure_schema
 from task_orchestrator_mcp.service import Clock, TaskService, utc_now
 from task_orchestrator_mcp.settings import Settings
-from task_orchestrator_mcp.tools import AppState, register_tools
+from task_orchestrator_mcp.tools import AppState, build_tools
 
 SERVER_NAME = "task-orchestrator"
 
@@ -126,11 +126,10 @@ def build_server(
             if owned:
                 db.dispose()
 
-    server = TaskOrchestratorServer(
+    return TaskOrchestratorServer(
         SERVER_NAME,
         version=__version__,
         instructions=INSTRUCTIONS,
         lifespan=lifespan,
+        tools=build_tools(),
     )
-    register_tools(server)
-    return server

@@ -1,20 +1,24 @@
 """The MCP tools: thin handlers that validate through the service and turn domain errors into ToolError.
 
 Descriptions are read by a model on every call: short, exact, with the contract only.
+Each handler builds its own CallToolResult from the model the service returns (``_result``): the
+structured content the SDK would have produced, and its text copy as compact JSON.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from loguru import logger
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
-from mcp.types import ToolAnnotations
-from pydantic import Field
+from mcp.server.mcpserver.tools import Tool
+from mcp.types import CallToolResult, TextContent, ToolAnnotations
+from pydantic import BaseModel, Field
+from pydantic_core import to_json
 
 from task_orchestrator_mcp.errors import TaskOrchestratorError
 from task_orchestrator_mcp.models import (
@@ -26,9 +30,6 @@ from task_orchestrator_mcp.models import (
     TaskWithHistory,
 )
 from task_orchestrator_mcp.service import TaskService
-
-if TYPE_CHECKING:
-    from mcp.server import MCPServer
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,10 +68,46 @@ def _service(ctx: Context[AppState]) -> TaskService:
     return ctx.request_context.lifespan_context.service
 
 
-def register_tools(server: MCPServer[AppState]) -> None:
-    """Add the task tools to ``server``."""
+# What a tool returns: the result already built from the model named in the annotation, which is
+# also where the SDK takes the tool's outputSchema from.
+TaskOut = Annotated[CallToolResult, Task]
+AcquireOut = Annotated[CallToolResult, AcquireResult]
+TaskWithHistoryOut = Annotated[CallToolResult, TaskWithHistory]
+TaskPageOut = Annotated[CallToolResult, TaskPage]
 
-    @server.tool(annotations=_write())
+
+def _result(model: BaseModel) -> CallToolResult:
+    """``structuredContent`` dumped as the SDK itself would, and a text copy of that same object as
+    compact JSON: the model is serialised once, and the agent reads no indentation."""
+    structured = model.model_dump(mode="json", by_alias=True)
+    text = to_json(structured).decode()
+    return CallToolResult(content=[TextContent(type="text", text=text)], structured_content=structured)
+
+
+def _tool(fn: Callable[..., CallToolResult], annotations: ToolAnnotations) -> Tool:
+    tool = Tool.from_function(fn, annotations=annotations)
+    # The SDK would parse a returned result's structuredContent back into the output model only to
+    # check it; ours was dumped from that very model (a third of the cost of a 50-row page). With no
+    # output_model, FuncMetadata still publishes output_schema and passes the result through as is.
+    tool.fn_metadata.output_model = None
+    return tool
+
+
+_F = TypeVar("_F", bound=Callable[..., CallToolResult])
+
+
+def build_tools() -> list[Tool]:
+    """The task tools, for ``MCPServer(tools=...)``."""
+    tools: list[Tool] = []
+
+    def register(annotations: ToolAnnotations) -> Callable[[_F], _F]:
+        def add(fn: _F) -> _F:
+            tools.append(_tool(fn, annotations))
+            return fn
+
+        return add
+
+    @register(_write())
     def create_task(
         work_directory: WorkDir,
         prompt: str,
@@ -78,71 +115,75 @@ def register_tools(server: MCPServer[AppState]) -> None:
         priority: PriorityName = "medium",
         tags: list[str] | None = None,
         max_attempts: Annotated[int, Field(description="Claims allowed before it fails for good.")] = 3,
-    ) -> Task:
+    ) -> TaskOut:
         """Queue a task: a prompt for an agent to carry out in work_directory."""
         with _tool_errors("create_task"):
-            return _service(ctx).create_task(work_directory, prompt, priority, tags or [], max_attempts)
+            return _result(
+                _service(ctx).create_task(work_directory, prompt, priority, tags or [], max_attempts)
+            )
 
-    @server.tool(annotations=_write())
+    @register(_write())
     def acquire_task(
         work_directory: WorkDir,
         ctx: Context[AppState],
         worker_id: WorkerId = None,
         lease_seconds: Annotated[int, Field(description="Heartbeat before it ends.")] = 900,
-    ) -> AcquireResult:
+    ) -> AcquireOut:
         """Claim the next task for work_directory (high priority first, then oldest), exclusively.
         Returns {"task": null} when none is pending."""
         with _tool_errors("acquire_task"):
-            return AcquireResult(task=_service(ctx).acquire_task(work_directory, worker_id, lease_seconds))
+            return _result(
+                AcquireResult(task=_service(ctx).acquire_task(work_directory, worker_id, lease_seconds))
+            )
 
-    @server.tool(annotations=_write(idempotent=True))
+    @register(_write(idempotent=True))
     def heartbeat_task(
         task_id: str,
         ctx: Context[AppState],
         worker_id: WorkerId = None,
         lease_seconds: Annotated[int | None, Field(description="Default: the last lease length.")] = None,
-    ) -> Task:
+    ) -> TaskOut:
         """Extend your lease on a task you hold, from now."""
         with _tool_errors("heartbeat_task"):
-            return _service(ctx).heartbeat_task(task_id, worker_id, lease_seconds)
+            return _result(_service(ctx).heartbeat_task(task_id, worker_id, lease_seconds))
 
-    @server.tool(annotations=_write())
+    @register(_write())
     def complete_task(
         task_id: str,
         result: Annotated[dict[str, Any] | str, Field(description="A JSON object or a string.")],
         ctx: Context[AppState],
         worker_id: WorkerId = None,
-    ) -> Task:
+    ) -> TaskOut:
         """Mark a task you hold completed, with its result."""
         with _tool_errors("complete_task"):
-            return _service(ctx).complete_task(task_id, result, worker_id)
+            return _result(_service(ctx).complete_task(task_id, result, worker_id))
 
-    @server.tool(annotations=_write())
+    @register(_write())
     def fail_task(
         task_id: str,
         error: str,
         ctx: Context[AppState],
         worker_id: WorkerId = None,
         retry: Annotated[bool, Field(description="False: fail for good now.")] = True,
-    ) -> Task:
+    ) -> TaskOut:
         """Report that a task you hold failed. It returns to pending while attempts remain and retry is
         true; otherwise it is failed for good."""
         with _tool_errors("fail_task"):
-            return _service(ctx).fail_task(task_id, error, worker_id, retry)
+            return _result(_service(ctx).fail_task(task_id, error, worker_id, retry))
 
-    @server.tool(annotations=_write(destructive=True))
-    def cancel_task(task_id: str, ctx: Context[AppState], reason: str | None = None) -> Task:
+    @register(_write(destructive=True))
+    def cancel_task(task_id: str, ctx: Context[AppState], reason: str | None = None) -> TaskOut:
         """Cancel a pending or in_progress task."""
         with _tool_errors("cancel_task"):
-            return _service(ctx).cancel_task(task_id, reason)
+            return _result(_service(ctx).cancel_task(task_id, reason))
 
-    @server.tool(annotations=READ)
-    def get_task(task_id: str, ctx: Context[AppState]) -> TaskWithHistory:
+    @register(READ)
+    def get_task(task_id: str, ctx: Context[AppState]) -> TaskWithHistoryOut:
         """A task in full (prompt, result, error) with its status history."""
         with _tool_errors("get_task"):
-            return _service(ctx).get_task(task_id)
+            return _result(_service(ctx).get_task(task_id))
 
-    @server.tool(annotations=READ)
+    @register(READ)
     def list_tasks(
         ctx: Context[AppState],
         work_directory: str | None = None,
@@ -151,7 +192,9 @@ def register_tools(server: MCPServer[AppState]) -> None:
         priority: PriorityName | None = None,
         limit: Annotated[int, Field(description="1 to 200.")] = 50,
         cursor: Annotated[str | None, Field(description="next_cursor of the previous page.")] = None,
-    ) -> TaskPage:
+    ) -> TaskPageOut:
         """List tasks oldest first, filtered. Prompts are cut to 200 characters; get_task has the rest."""
         with _tool_errors("list_tasks"):
-            return _service(ctx).list_tasks(work_directory, status, tags, priority, limit, cursor)
+            return _result(_service(ctx).list_tasks(work_directory, status, tags, priority, limit, cursor))
+
+    return tools

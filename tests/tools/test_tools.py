@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from mcp import Client
+from mcp.types import CallToolResult, TextContent
+from pydantic import BaseModel
 
-from task_orchestrator_mcp.server import build_server
+from task_orchestrator_mcp.models import AcquireResult, Task, TaskPage, TaskWithHistory
+from task_orchestrator_mcp.server import build_server, compact_schema
 from task_orchestrator_mcp.settings import Settings
 from tests.support import error_text, structured
 
@@ -241,3 +245,53 @@ async def test_wrong_holder_gets_actionable_refusal(client: Client) -> None:
     assert "held by worker 'alice'" in message
     again = await fails(client, "complete_task", task_id=task["task_id"], result="x")
     assert "held by worker 'alice', not 'me'" in again
+
+
+def _text_and_structured(result: CallToolResult) -> tuple[str, dict[str, Any]]:
+    assert not result.is_error, result.content
+    assert len(result.content) == 1
+    block = result.content[0]
+    assert isinstance(block, TextContent)
+    assert result.structured_content is not None
+    return block.text, result.structured_content
+
+
+async def test_text_content_is_the_structured_content_as_compact_json(client: Client) -> None:
+    created = await client.call_tool(
+        "create_task", {"work_directory": DIR, "prompt": "réparer le bug, vite", "tags": ["a b", "ü"]}
+    )
+    task_id = structured(created)["task_id"]
+    results = [
+        created,
+        await client.call_tool("acquire_task", {"work_directory": DIR}),
+        await client.call_tool("heartbeat_task", {"task_id": task_id}),
+        await client.call_tool(
+            "complete_task", {"task_id": task_id, "result": {"k": [1, 2.5, None, "v, w"]}}
+        ),
+        await client.call_tool("get_task", {"task_id": task_id}),
+        await client.call_tool("list_tasks", {}),
+        await client.call_tool("acquire_task", {"work_directory": DIR}),
+    ]
+    failing = (await call(client, "create_task", work_directory="/other", prompt="to fail"))["task_id"]
+    cancelling = (await call(client, "create_task", work_directory="/else", prompt="to cancel"))["task_id"]
+    await call(client, "acquire_task", work_directory="/other")
+    results.append(await client.call_tool("fail_task", {"task_id": failing, "error": "tests red"}))
+    results.append(await client.call_tool("cancel_task", {"task_id": cancelling, "reason": "dup"}))
+    for result in results:
+        text, content = _text_and_structured(result)
+        assert json.loads(text) == content
+        assert text == json.dumps(content, ensure_ascii=False, separators=(",", ":"))
+
+
+OUTPUT_MODELS: dict[str, type[BaseModel]] = {
+    "create_task": Task, "acquire_task": AcquireResult, "heartbeat_task": Task, "complete_task": Task,
+    "fail_task": Task, "cancel_task": Task, "get_task": TaskWithHistory, "list_tasks": TaskPage,
+}  # fmt: skip
+
+
+async def test_output_schema_is_the_model_schema(client: Client) -> None:
+    tools = {t.name: t for t in (await client.list_tools()).tools}
+    assert set(OUTPUT_MODELS) == set(tools)
+    for name, model in OUTPUT_MODELS.items():
+        expected = compact_schema(model.model_json_schema(), keep_descriptions=False)
+        assert tools[name].output_schema == expected, name
