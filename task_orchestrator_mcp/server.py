@@ -72,21 +72,53 @@ def compact_schema(schema: dict[str, Any], *, keep_descriptions: bool) -> dict[s
             _fold_any_of(out)
         return out
 
-    result: dict[str, Any] = walk(schema, False)
+    result: dict[str, Any] = walk(_inline_refs(schema), False)
     return result
+
+
+def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
+    """The schema with every local ``#/$defs/...`` reference replaced by its definition.
+
+    Our models are not recursive, so this always ends; the result is shorter (each definition is
+    used once or twice), and a client validating results with ``jsonschema`` no longer resolves a
+    reference per field per row (about a third of its time on a 50-row list page).
+    """
+    defs: dict[str, Any] = schema.get("$defs", {})
+
+    def resolve(node: Any, seen: tuple[str, ...]) -> Any:
+        if isinstance(node, list):
+            return [resolve(item, seen) for item in node]
+        if not isinstance(node, dict):
+            return node
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            name = ref.removeprefix("#/$defs/")
+            if name in seen or name not in defs:
+                raise ValueError(f"cannot inline {ref!r} (recursive or missing)")
+            siblings = {key: value for key, value in node.items() if key != "$ref"}
+            return {**resolve(defs[name], (*seen, name)), **resolve(siblings, seen)}
+        return {key: resolve(value, seen) for key, value in node.items() if key != "$defs"}
+
+    inlined: dict[str, Any] = resolve(schema, ())
+    return inlined
 
 
 def _fold_any_of(node: dict[str, Any]) -> None:
     members = node["anyOf"]
-    if not all(isinstance(m, dict) and set(m) <= {"type", "format"} and "type" in m for m in members):
+    if not all(isinstance(m, dict) and set(m) <= {"type", "format", "enum"} and "type" in m for m in members):
         return
     formats = {m["format"] for m in members if "format" in m}
-    if len(formats) > 1:
+    enums = [m for m in members if "enum" in m]
+    if len(formats) > 1 or len(enums) > 1:
         return
+    if enums and any(m["type"] != "null" for m in members if "enum" not in m):
+        return  # an enum folds only beside null: {"enum": [..., null]}
     del node["anyOf"]
     node["type"] = [m["type"] for m in members]
     if formats:
         node["format"] = formats.pop()
+    if enums:
+        node["enum"] = [*enums[0]["enum"], None]
 
 
 def open_database(settings: Settings) -> Database:

@@ -295,3 +295,23 @@ async def test_output_schema_is_the_model_schema(client: Client) -> None:
     for name, model in OUTPUT_MODELS.items():
         expected = compact_schema(model.model_json_schema(), keep_descriptions=False)
         assert tools[name].output_schema == expected, name
+
+
+async def test_schemas_are_self_contained_and_still_validate(client: Client) -> None:
+    """No $ref/$defs left for a client to resolve per row, and the folded forms mean the same."""
+    from jsonschema import Draft202012Validator
+
+    tools = {t.name: t for t in (await client.list_tools()).tools}
+    for tool in tools.values():
+        dumped = json.dumps([tool.input_schema, tool.output_schema])
+        assert "$ref" not in dumped
+        assert "$defs" not in dumped
+        Draft202012Validator.check_schema(tool.input_schema)
+        Draft202012Validator.check_schema(tool.output_schema or {})
+    history = Draft202012Validator(tools["get_task"].output_schema or {})
+    made = await call(client, "create_task", work_directory=DIR, prompt="p")
+    shown = await call(client, "get_task", task_id=made["task_id"])
+    assert shown["history"][0]["from_status"] is None
+    assert list(history.iter_errors(shown)) == []
+    shown["history"][0]["from_status"] = "nonsense"
+    assert list(history.iter_errors(shown)) != []
