@@ -86,6 +86,13 @@ class TaskService:
         self._max_payload = max_payload_bytes
         self._default_lease = default_lease_seconds
 
+    @property
+    def reads_never_wait(self) -> bool:
+        """True when a read can run inline on an event loop: SQLite in WAL mode, where a reader never
+        waits for a writer and a read takes well under a millisecond. PostgreSQL reads are round
+        trips over the network."""
+        return self._db.is_sqlite
+
     # -- planner side -------------------------------------------------------------------------------
 
     def create_task(

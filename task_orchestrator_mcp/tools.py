@@ -7,11 +7,12 @@ structured content the SDK would have produced, and its text copy as compact JSO
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
+import anyio.to_thread
 from loguru import logger
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
@@ -68,6 +69,18 @@ def _service(ctx: Context[AppState]) -> TaskService:
     return ctx.request_context.lifespan_context.service
 
 
+async def _read(
+    ctx: Context[AppState], tool: str, read: Callable[[TaskService], BaseModel]
+) -> CallToolResult:
+    """Run a read tool: inline on the event loop where a read never waits (SQLite), which saves the
+    hand-off to a worker thread, a large part of a no-op call; on a worker thread otherwise."""
+    service = _service(ctx)
+    with _tool_errors(tool):
+        if service.reads_never_wait:
+            return _result(read(service))
+        return await anyio.to_thread.run_sync(lambda: _result(read(service)))
+
+
 # What a tool returns: the result already built from the model named in the annotation, which is
 # also where the SDK takes the tool's outputSchema from.
 TaskOut = Annotated[CallToolResult, Task]
@@ -84,7 +97,11 @@ def _result(model: BaseModel) -> CallToolResult:
     return CallToolResult(content=[TextContent(type="text", text=text)], structured_content=structured)
 
 
-def _tool(fn: Callable[..., CallToolResult], annotations: ToolAnnotations) -> Tool:
+# A handler: sync (run on a worker thread by the SDK) or async (run on the event loop).
+_Handler = Callable[..., CallToolResult | Awaitable[CallToolResult]]
+
+
+def _tool(fn: _Handler, annotations: ToolAnnotations) -> Tool:
     tool = Tool.from_function(fn, annotations=annotations)
     # The SDK would parse a returned result's structuredContent back into the output model only to
     # check it; ours was dumped from that very model (a third of the cost of a 50-row page). With no
@@ -93,7 +110,7 @@ def _tool(fn: Callable[..., CallToolResult], annotations: ToolAnnotations) -> To
     return tool
 
 
-_F = TypeVar("_F", bound=Callable[..., CallToolResult])
+_F = TypeVar("_F", bound=_Handler)
 
 
 def build_tools() -> list[Tool]:
@@ -178,13 +195,12 @@ def build_tools() -> list[Tool]:
             return _result(_service(ctx).cancel_task(task_id, reason))
 
     @register(READ)
-    def get_task(task_id: str, ctx: Context[AppState]) -> TaskWithHistoryOut:
+    async def get_task(task_id: str, ctx: Context[AppState]) -> TaskWithHistoryOut:
         """A task in full (prompt, result, error) with its status history."""
-        with _tool_errors("get_task"):
-            return _result(_service(ctx).get_task(task_id))
+        return await _read(ctx, "get_task", lambda service: service.get_task(task_id))
 
     @register(READ)
-    def list_tasks(
+    async def list_tasks(
         ctx: Context[AppState],
         work_directory: str | None = None,
         status: StatusName | None = None,
@@ -194,7 +210,10 @@ def build_tools() -> list[Tool]:
         cursor: Annotated[str | None, Field(description="next_cursor of the previous page.")] = None,
     ) -> TaskPageOut:
         """List tasks oldest first, filtered. Prompts are cut to 200 characters; get_task has the rest."""
-        with _tool_errors("list_tasks"):
-            return _result(_service(ctx).list_tasks(work_directory, status, tags, priority, limit, cursor))
+        return await _read(
+            ctx,
+            "list_tasks",
+            lambda service: service.list_tasks(work_directory, status, tags, priority, limit, cursor),
+        )
 
     return tools
