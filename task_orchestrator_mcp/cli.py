@@ -6,6 +6,8 @@ Nothing but the protocol may reach stdout once serving, so every message here go
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -62,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         field = str(first["loc"][0]) if first["loc"] else "settings"
         return _fail(f"invalid setting TASK_ORCHESTRATOR_{field.upper()}: {first['msg']}", 2)
 
-    from task_orchestrator_mcp.log import configure_logging, quiet
+    from task_orchestrator_mcp.log import configure_logging
 
     try:
         configure_logging(settings.log_level, settings.log_file)
@@ -71,28 +73,36 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from loguru import logger
 
+    from task_orchestrator_mcp.server import OpeningDatabase, build_server
+
+    def failed(exc: BaseException) -> int:
+        return _fail(_database_failure(settings.database_url, exc), 1)
+
+    def fail_now(exc: BaseException) -> None:
+        # The database failed to open while serving: one line, and the process ends at once, as it
+        # would have before serving. Nothing was written anywhere.
+        os._exit(failed(exc))
+
+    opening = OpeningDatabase(settings, on_failure=fail_now)
+    logger.info("serving MCP on stdio")
+    with contextlib.suppress(KeyboardInterrupt):
+        build_server(settings, opening=opening).run()
+    if opening.error is not None:  # the client left before the open failed
+        return failed(opening.error)
+    return 0
+
+
+def _database_failure(url: str, exc: BaseException) -> str:
     from task_orchestrator_mcp.db.engine import describe
     from task_orchestrator_mcp.errors import DatabaseError, TaskOrchestratorError
-    from task_orchestrator_mcp.server import build_server, open_database
 
-    where = describe(settings.database_url)
-    try:
-        # A database failure here is reported as the one line below, not also as a warning.
-        with quiet("task_orchestrator_mcp.db.engine", "WARNING"):
-            database = open_database(settings)
-    except DatabaseError as exc:
+    where = describe(url)
+    if isinstance(exc, DatabaseError):
         detail = f" ({exc.detail})" if exc.detail else ""
-        return _fail(f"cannot use the database {where}: {exc}{detail}", 1)
-    except (TaskOrchestratorError, OSError) as exc:
-        return _fail(f"cannot use the database {where}: {exc}", 1)
-    logger.info("serving MCP on stdio; database {}", describe(settings.database_url))
-    try:
-        build_server(settings, database=database).run()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        database.dispose()
-    return 0
+        return f"cannot use the database {where}: {exc}{detail}"
+    if isinstance(exc, TaskOrchestratorError | OSError):
+        return f"cannot use the database {where}: {exc}"
+    return f"cannot use the database {where}: unexpected {type(exc).__name__}: {exc}"
 
 
 if __name__ == "__main__":

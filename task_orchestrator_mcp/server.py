@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from inspect import cleandoc
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
+from loguru import logger
 from mcp.server import MCPServer
 from mcp.types import Tool as MCPTool
 
 from task_orchestrator_mcp import __version__
-from task_orchestrator_mcp.db.engine import Database
-from task_orchestrator_mcp.db.migrate import ensure_schema
-from task_orchestrator_mcp.service import Clock, TaskService, utc_now
+from task_orchestrator_mcp.errors import DatabaseError
 from task_orchestrator_mcp.settings import Settings
 from task_orchestrator_mcp.tools import AppState, build_tools
+
+if TYPE_CHECKING:
+    # Imported where the database is opened, on a thread: SQLAlchemy is a sixth of a cold start.
+    from task_orchestrator_mcp.db.engine import Database
+    from task_orchestrator_mcp.service import Clock, TaskService
 
 SERVER_NAME = "task-orchestrator"
 
@@ -123,6 +128,9 @@ def _fold_any_of(node: dict[str, Any]) -> None:
 
 def open_database(settings: Settings) -> Database:
     """An engine for the configured URL with the schema at head (raises DatabaseError if it can't)."""
+    from task_orchestrator_mcp.db.engine import Database
+    from task_orchestrator_mcp.db.migrate import ensure_schema
+
     database = Database(
         settings.database_url,
         busy_timeout_ms=settings.busy_timeout_ms,
@@ -136,27 +144,124 @@ def open_database(settings: Settings) -> Database:
     return database
 
 
+class OpeningDatabase:
+    """The database being opened (and migrated) on a thread, and then the task service over it.
+
+    The server answers ``initialize`` and ``tools/list`` meanwhile: importing SQLAlchemy and checking
+    the schema is about a sixth of a cold start, and no client needs the database before its first
+    tool call. A tool call that comes earlier waits for it.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock | None = None,
+        on_failure: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._clock = clock
+        self._on_failure = on_failure
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._database: Database | None = None
+        self._service: TaskService | None = None
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        """Begin opening, on a daemon thread."""
+        self._thread = threading.Thread(target=self._open, name="open-database", daemon=True)
+        self._thread.start()
+
+    def _open(self) -> None:
+        from task_orchestrator_mcp.log import quiet
+        from task_orchestrator_mcp.service import TaskService, utc_now
+
+        try:
+            # A failure is reported once, as a whole line, by whoever handles it; not also as a warning.
+            with quiet("task_orchestrator_mcp.db.engine", "WARNING"):
+                self._database = open_database(self._settings)
+            self._service = TaskService(
+                self._database,
+                clock=self._clock or utc_now,
+                worker_id=self._settings.worker_id,
+                max_payload_bytes=self._settings.max_payload_bytes,
+            )
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self._done.set()
+        if self.error is not None:
+            with self._lock:
+                if self._closing:
+                    return
+                if self._on_failure is not None:
+                    self._on_failure(self.error)
+                else:
+                    logger.error("cannot use the database: {}", self.error)
+
+    @property
+    def ready(self) -> bool:
+        """True once the open has finished, either way."""
+        return self._done.is_set()
+
+    def service(self) -> TaskService:
+        """The task service; waits for the open to finish, and raises if it failed."""
+        self._done.wait()
+        if self._service is None:
+            reason = self.error if isinstance(self.error, DatabaseError) else None
+            raise DatabaseError(
+                f"The database could not be opened{f': {reason}' if reason else ''}. Check the server's "
+                "database URL and log, then restart it.",
+                None if reason is None else reason.detail,
+            )
+        return self._service
+
+    def close(self) -> None:
+        """Wait for the open to finish, then close the database."""
+        with self._lock:
+            self._closing = True
+        if self._thread is not None:
+            self._thread.join()
+        if self._database is not None:
+            self._database.dispose()
+
+
 def build_server(
-    settings: Settings, *, database: Database | None = None, clock: Clock = utc_now
+    settings: Settings,
+    *,
+    database: Database | None = None,
+    clock: Clock | None = None,
+    opening: OpeningDatabase | None = None,
 ) -> TaskOrchestratorServer:
-    """The task-orchestrator MCP server. Given a ``database``, the server uses it and leaves it open;
-    otherwise its lifespan opens (and migrates) one from ``settings`` and disposes of it at the end."""
+    """The task-orchestrator MCP server.
+
+    Given a ``database``, the server uses it and leaves it open. Otherwise its lifespan starts
+    ``opening`` (by default a new :class:`OpeningDatabase` for ``settings``), serves while the
+    database opens, and closes it at the end.
+    """
 
     @asynccontextmanager
     async def lifespan(_server: MCPServer[AppState]) -> AsyncIterator[AppState]:
-        owned = database is None
-        db = await anyio.to_thread.run_sync(open_database, settings) if database is None else database
-        service = TaskService(
-            db,
-            clock=clock,
-            worker_id=settings.worker_id,
-            max_payload_bytes=settings.max_payload_bytes,
-        )
+        if database is not None:
+            from task_orchestrator_mcp.service import TaskService, utc_now
+
+            service = TaskService(
+                database,
+                clock=clock or utc_now,
+                worker_id=settings.worker_id,
+                max_payload_bytes=settings.max_payload_bytes,
+            )
+            yield AppState.of(service)
+            return
+        pending = opening or OpeningDatabase(settings, clock=clock)
+        pending.start()
         try:
-            yield AppState(service=service)
+            yield AppState(get_service=pending.service, is_ready=lambda: pending.ready)
         finally:
-            if owned:
-                db.dispose()
+            await anyio.to_thread.run_sync(pending.close)
 
     return TaskOrchestratorServer(
         SERVER_NAME,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import anyio.to_thread
 from loguru import logger
@@ -30,14 +30,23 @@ from task_orchestrator_mcp.models import (
     TaskPage,
     TaskWithHistory,
 )
-from task_orchestrator_mcp.service import TaskService
+
+if TYPE_CHECKING:
+    from task_orchestrator_mcp.service import TaskService
 
 
 @dataclass(frozen=True, slots=True)
 class AppState:
-    """What every tool call can reach (the server's lifespan context): the task service."""
+    """What every tool call can reach (the server's lifespan context): the task service, whose
+    database may still be opening when the first calls arrive."""
 
-    service: TaskService
+    get_service: Callable[[], TaskService]  # waits until the database is open; raises if it failed
+    is_ready: Callable[[], bool]  # True once get_service() would not wait
+
+    @classmethod
+    def of(cls, service: TaskService) -> AppState:
+        """A state whose service is ready."""
+        return cls(get_service=lambda: service, is_ready=lambda: True)
 
 
 READ = ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False)
@@ -66,7 +75,7 @@ def _tool_errors(tool: str) -> Iterator[None]:
 
 
 def _service(ctx: Context[AppState]) -> TaskService:
-    return ctx.request_context.lifespan_context.service
+    return ctx.request_context.lifespan_context.get_service()
 
 
 async def _read(
@@ -74,8 +83,12 @@ async def _read(
 ) -> CallToolResult:
     """Run a read tool: inline on the event loop where a read never waits (SQLite), which saves the
     hand-off to a worker thread, a large part of a no-op call; on a worker thread otherwise."""
-    service = _service(ctx)
+    state = ctx.request_context.lifespan_context
     with _tool_errors(tool):
+        # Never wait on the event loop: a call that beats the database's opening waits on a thread.
+        service = (
+            state.get_service() if state.is_ready() else await anyio.to_thread.run_sync(state.get_service)
+        )
         if service.reads_never_wait:
             return _result(read(service))
         return await anyio.to_thread.run_sync(lambda: _result(read(service)))

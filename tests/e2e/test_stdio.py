@@ -86,10 +86,15 @@ def test_stdout_carries_only_json_rpc_at_every_log_level(tmp_path: Path, level: 
     watchdog = threading.Timer(60, proc.kill)  # a hung server fails the test instead of hanging it
     watchdog.start()
     try:
-        proc.stdin.write("\n".join(calls) + "\n")
+        # Requests run concurrently (the SDK guarantees no order), so the acquire is sent only once the
+        # creates are answered.
+        proc.stdin.write("\n".join(calls[:-1]) + "\n")
+        proc.stdin.flush()
+        lines = [proc.stdout.readline() for _ in range(4)]
+        proc.stdin.write(calls[-1] + "\n")
         proc.stdin.flush()
         # Keep stdin open until every answer is in: closing it ends the session (and cancels calls).
-        lines = [proc.stdout.readline() for _ in range(5)]
+        lines.append(proc.stdout.readline())
         proc.stdin.close()
         rest = proc.stdout.read()
         proc.wait()
@@ -143,6 +148,40 @@ def test_unusable_database_path_stops_with_one_line(tmp_path: Path) -> None:
     assert proc.stdout == ""
     assert proc.stderr.count("\n") == 1, proc.stderr
     assert "cannot use the database" in proc.stderr
+
+
+def test_database_failing_after_the_handshake_stops_the_server_at_once(tmp_path: Path) -> None:
+    """The database opens while the server answers initialize; if it fails, the server does not
+    linger (its client still holds stdin open): one line on stderr, exit 1."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "task_orchestrator_mcp"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=server_env(f"sqlite:///{blocker / 'tasks.db'}"),
+    )
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    try:
+        proc.stdin.write(json.dumps(INIT) + "\n")
+        proc.stdin.flush()
+        answer = proc.stdout.readline()
+        returncode = proc.wait(timeout=60)  # stdin is still open
+        stderr = proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.stdin.close()
+        proc.stdout.close()
+        proc.stderr.close()
+    if answer:  # the failure may also come before the answer is written
+        assert json.loads(answer)["id"] == 1
+    assert returncode == 1
+    assert stderr.count("\n") == 1, stderr
+    assert "cannot use the database" in stderr
 
 
 def test_flags_override_environment_and_log_file(tmp_path: Path) -> None:
