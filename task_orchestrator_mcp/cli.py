@@ -81,7 +81,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     def fail_now(exc: BaseException) -> None:
         # The database failed to open while serving: one line, and the process ends at once, as it
         # would have before serving. Nothing was written anywhere.
-        os._exit(failed(exc))
+        try:
+            failed(exc)
+        finally:
+            os._exit(1)
 
     opening = OpeningDatabase(settings, on_failure=fail_now)
     logger.info("serving MCP on stdio")
@@ -96,7 +99,10 @@ def _database_failure(url: str, exc: BaseException) -> str:
     from task_orchestrator_mcp.db.engine import describe
     from task_orchestrator_mcp.errors import DatabaseError, TaskOrchestratorError
 
-    where = describe(url)
+    try:
+        where = describe(url)
+    except Exception:  # an unparseable URL is what is being reported
+        where = "(unparseable URL)"
     if isinstance(exc, DatabaseError):
         detail = f" ({exc.detail})" if exc.detail else ""
         return f"cannot use the database {where}: {exc}{detail}"

@@ -127,7 +127,8 @@ def _fold_any_of(node: dict[str, Any]) -> None:
 
 
 def open_database(settings: Settings) -> Database:
-    """An engine for the configured URL with the schema at head (raises DatabaseError if it can't)."""
+    """An engine for the configured URL with the schema at head. Raises DatabaseError when the
+    database cannot be used (an OSError when its directory cannot be created)."""
     from task_orchestrator_mcp.db.engine import Database
     from task_orchestrator_mcp.db.migrate import ensure_schema
 
@@ -261,7 +262,8 @@ def build_server(
         try:
             yield AppState(get_service=pending.service, is_ready=lambda: pending.ready)
         finally:
-            await anyio.to_thread.run_sync(pending.close)
+            with anyio.CancelScope(shield=True):  # close even when the server is being cancelled
+                await anyio.to_thread.run_sync(pending.close)
 
     return TaskOrchestratorServer(
         SERVER_NAME,

@@ -91,7 +91,7 @@ class TaskService:
         """True when a read can run inline on an event loop: SQLite in WAL mode, where a reader never
         waits for a writer and a read takes well under a millisecond. PostgreSQL reads are round
         trips over the network."""
-        return self._db.is_sqlite
+        return self._db.is_sqlite and self._db.has_idle_connection
 
     # -- planner side -------------------------------------------------------------------------------
 

@@ -25,7 +25,8 @@ _URL = re.compile(r"^(?P<backend>\w+?)(?:\+\w+)?://(?P<rest>.*)$", re.DOTALL)
 
 
 class Settings(BaseSettings):
-    """Everything the server can be told; invalid values stop it at start."""
+    """Everything the server can be told. An invalid value stops it at start; a database that cannot
+    be used (the URL is parsed fully only then) stops it right after the handshake."""
 
     model_config = SettingsConfigDict(env_prefix="TASK_ORCHESTRATOR_", extra="ignore", frozen=True)
 

@@ -19,14 +19,15 @@ from typing import Any
 from loguru import logger
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import Dialect, ExceptionContext, make_url
-from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
+from sqlalchemy.engine import URL, Dialect, ExceptionContext, make_url
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
 
 from task_orchestrator_mcp.errors import DatabaseError, DatabaseUnavailable, StorageError
 
 _WRITE = "task_orchestrator_write"
-# A PostgreSQL connection used this recently is trusted without a ping. A server restart takes longer
-# than this, and a connection that fails mid-restart recycles the whole pool (see _recycle).
+# A PostgreSQL connection used this recently is reused without the pool's ping (a round trip per
+# transaction). The price: a server restart inside that window costs each server process one call
+# answered "unavailable, retry" (which recycles its pool), where the ping would have reconnected.
 _PG_TRUST_SECONDS = 1.0
 
 
@@ -54,7 +55,9 @@ class DriverConnection:
 
 
 class Database:
-    """An engine plus transaction helpers; one per server process, created by the server's lifespan."""
+    """An engine plus transaction helpers; one per server process, opened by the server on a thread
+    (``server.OpeningDatabase``). The service runs on :meth:`transaction`; migrations and tests use
+    SQLAlchemy's own connections through :meth:`write` and :meth:`read`."""
 
     def __init__(
         self,
@@ -64,14 +67,24 @@ class Database:
         sqlite_synchronous: str = "FULL",
         pool_size: int = 4,
     ) -> None:
-        self.url = make_url(url)
+        try:
+            self.url = make_url(url)
+        except (sa_exc.ArgumentError, ValueError) as exc:
+            raise DatabaseError(f"Not a valid database URL: {exc}.") from None
         self.dialect = self.url.get_backend_name()
-        if self.dialect == "sqlite":
-            self.engine = _sqlite_engine(url, busy_timeout_ms, sqlite_synchronous, pool_size)
-        elif self.dialect == "postgresql":
-            self.engine = _postgres_engine(url, pool_size)
+        driver = self.url.get_driver_name()
+        if self.dialect == "sqlite" and driver in ("", "pysqlite"):
+            self.engine = _sqlite_engine(self.url, busy_timeout_ms, sqlite_synchronous, pool_size)
+        elif self.dialect == "postgresql" and driver in ("", "psycopg"):
+            # The service speaks psycopg 3 directly; a bare postgresql:// means it too (SQLAlchemy's
+            # own default would be psycopg2).
+            self.url = self.url.set(drivername="postgresql+psycopg")
+            self.engine = _postgres_engine(self.url, pool_size)
         else:
-            raise DatabaseError(f"Unsupported database {self.dialect!r}: use sqlite or postgresql.")
+            raise DatabaseError(
+                f"Unsupported database driver {self.url.drivername!r}: use sqlite:///path/to/tasks.db "
+                "or postgresql+psycopg://user@host/db."
+            )
         self._writer = self.engine.execution_options(**{_WRITE: True})
         # PostgreSQL's default READ COMMITTED gives each statement its own snapshot; a read of a task
         # and then its history must see one moment. (SQLite's BEGIN already gives one snapshot.)
@@ -84,8 +97,12 @@ class Database:
         # Driver connections kept between transactions, tagged with the generation they were opened
         # in and when they were last used: a round trip through SQLAlchemy's pool costs more than a
         # SQLite transaction, and on PostgreSQL its pre-ping is one more round trip per transaction.
+        # At most the pool's resting size; past it, connections go back to SQLAlchemy's pool, where
+        # a caller waiting for one gets it.
         self._idle: list[tuple[int, PoolProxiedConnection, float]] = []
+        self._keep_idle = pool_size
         self._generation = 0
+        self._closed = False
 
     @property
     def is_sqlite(self) -> bool:
@@ -140,12 +157,26 @@ class Database:
         if not fairy.is_valid:
             fairy.close()
             return
-        if generation != self._generation:  # opened before the pool was recycled
+        raw: Any = fairy.driver_connection
+        if generation != self._generation or self._closed or _in_transaction(raw, self.is_sqlite):
+            # Opened before the pool was recycled, or the database is closed, or a rollback failed.
             fairy.invalidate()
             return
         if not self.is_sqlite and not write:
-            _reset_isolation(fairy.driver_connection)
+            _reset_isolation(raw)
+        pool = self.engine.pool
+        if len(self._idle) >= self._keep_idle or (
+            isinstance(pool, QueuePool) and pool.checkedout() > pool.size()
+        ):
+            # Past the pool's resting size (so callers may be waiting in the pool): give it back.
+            fairy.close()
+            return
         self._idle.append((generation, fairy, time.monotonic()))
+
+    @property
+    def has_idle_connection(self) -> bool:
+        """True if a transaction can start now without waiting for the pool."""
+        return bool(self._idle)
 
     def _recycle(self, fairy: PoolProxiedConnection, exc: Exception) -> None:
         """Drop this connection and every pooled one, as SQLAlchemy does on a disconnect."""
@@ -189,7 +220,8 @@ class Database:
             yield conn
 
     def dispose(self) -> None:
-        """Close every pooled connection."""
+        """Close every pooled connection (one still in use is closed when its transaction ends)."""
+        self._closed = True
         while self._idle:
             self._idle.pop()[1].close()
         self.engine.dispose()
@@ -201,6 +233,14 @@ def _rollback_quietly(raw: Any) -> None:
         raw.rollback()
     except Exception as exc:
         logger.debug("rollback failed: {}", exc)
+
+
+def _in_transaction(raw: Any, sqlite: bool) -> bool:
+    if sqlite:
+        return bool(raw.in_transaction)
+    from psycopg.pq import TransactionStatus
+
+    return bool(raw.info.transaction_status != TransactionStatus.IDLE)
 
 
 def _pg_repeatable_read() -> Any:
@@ -216,8 +256,8 @@ def _reset_isolation(raw: Any) -> None:
         logger.debug("could not reset the isolation level: {}", exc)
 
 
-def _sqlite_engine(url: str, busy_timeout_ms: int, synchronous: str, pool_size: int) -> Engine:
-    path = make_url(url).database
+def _sqlite_engine(url: URL, busy_timeout_ms: int, synchronous: str, pool_size: int) -> Engine:
+    path = url.database
     if path and not path.startswith("file:"):
         Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(
@@ -245,9 +285,8 @@ def _sqlite_engine(url: str, busy_timeout_ms: int, synchronous: str, pool_size: 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
         statement = "BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITE, False) else "BEGIN"
-        # Straight to the driver: exec_driver_sql costs 0.1-0.2 ms per transaction in statement
-        # and event machinery, a tenth of a whole no-op MCP round trip. Its error wrapping is kept
-        # by hand, so a lock timeout still reaches translate_errors as a DBAPIError.
+        # SQLAlchemy-side transactions (migrations, tests). Straight to the driver, with SQLAlchemy's
+        # error wrapping kept by hand, so a lock timeout still reaches translate_errors as a DBAPIError.
         try:
             conn.connection.dbapi_connection.execute(statement)  # type: ignore[union-attr]
         except sqlite3.Error as exc:
@@ -256,7 +295,7 @@ def _sqlite_engine(url: str, busy_timeout_ms: int, synchronous: str, pool_size: 
     return engine
 
 
-def _postgres_engine(url: str, pool_size: int) -> Engine:
+def _postgres_engine(url: URL, pool_size: int) -> Engine:
     # Many short-lived stdio processes share the server: a small pool, checked before use (so a
     # restarted PostgreSQL costs one reconnect, not an error), and bounded waits everywhere.
     return create_engine(

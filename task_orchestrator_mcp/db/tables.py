@@ -64,15 +64,16 @@ class JSONValue(TypeDecorator[Any]):
     only when PostgreSQL is used: it costs SQLite users about 30 ms of every server start.
     """
 
-    impl = JSON()
+    # Python None is SQL NULL on both paths (SQLAlchemy's and the repository's prepared statements).
+    impl = JSON(none_as_null=True)
     cache_ok = True
 
     def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
         if dialect.name == "postgresql":
             from sqlalchemy.dialects.postgresql import JSONB
 
-            return dialect.type_descriptor(JSONB())
-        return dialect.type_descriptor(JSON())
+            return dialect.type_descriptor(JSONB(none_as_null=True))
+        return dialect.type_descriptor(JSON(none_as_null=True))
 
 
 # Integer ids: BIGINT identity on PostgreSQL, INTEGER (the rowid alias) on SQLite.

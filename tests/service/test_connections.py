@@ -1,0 +1,70 @@
+"""The service's own connection handling in Database.transaction: reuse, limits, recycling."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from task_orchestrator_mcp.db.engine import Database
+from task_orchestrator_mcp.db.migrate import ensure_schema
+from task_orchestrator_mcp.errors import DatabaseError
+
+
+def test_more_concurrent_transactions_than_the_pool_keeps_all_finish(tmp_path: Path) -> None:
+    """Kept connections never starve callers waiting in the pool (with 12 threads and room for 10,
+    two wait there; a starved one fails after the 2 s pool timeout), and only pool_size are kept."""
+    db = Database(f"sqlite:///{tmp_path / 't.db'}", pool_size=2, busy_timeout_ms=2_000)
+    ensure_schema(db)
+    errors: list[BaseException] = []
+    start = threading.Barrier(12)
+
+    def reader() -> None:
+        try:
+            start.wait()
+            for _ in range(20):
+                with db.transaction(write=False) as conn:
+                    conn.execute("SELECT count(*) FROM tasks").fetchall()
+                    time.sleep(0.002)  # hold it, so the threads overlap
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader) for _ in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert db.has_idle_connection
+    assert len(db._idle) <= 2
+    db.dispose()
+
+
+def test_a_connection_in_use_at_dispose_is_closed_when_it_is_done(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path / 't.db'}")
+    ensure_schema(db)
+    with db.transaction(write=False) as conn:
+        db.dispose()
+        conn.execute("SELECT 1").fetchall()
+    assert not db.has_idle_connection
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("postgresql+psycopg://u@h:abc/db", "Not a valid database URL"),
+        ("postgresql+psycopg2://u@h/db", "Unsupported database driver"),
+        ("sqlite+pysqlcipher:///x.db", "Unsupported database driver"),
+    ],
+)
+def test_urls_the_service_cannot_use_are_refused_in_a_sentence(url: str, says: str) -> None:
+    with pytest.raises(DatabaseError, match=says):
+        Database(url)
+
+
+def test_a_bare_postgresql_url_means_psycopg_3() -> None:
+    db = Database("postgresql://u@127.0.0.1:1/db")
+    assert db.url.drivername == "postgresql+psycopg"
+    db.dispose()
