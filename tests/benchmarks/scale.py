@@ -14,9 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
-
-from task_orchestrator_mcp.db.engine import Database
+from task_orchestrator_mcp.db.engine import Database, DriverConnection
 from task_orchestrator_mcp.service import TaskService
 from tests.benchmarks.common import SQLITE_TIME, Result, Workspace, percentile, sqlite_url
 
@@ -91,25 +89,27 @@ def bulk_load(path: Path, count: int) -> None:
     conn.close()
 
 
-def _capture(database: Database, action: Any) -> list[tuple[str, Any]]:
+def _capture(action: Any) -> list[tuple[str, Any]]:
+    """The SELECT/UPDATE statements (and parameters) the service runs on its driver connections."""
     seen: list[tuple[str, Any]] = []
+    original = DriverConnection.execute
 
-    def listener(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_rest: Any) -> None:
-        if statement.lstrip().upper().startswith(("SELECT", "UPDATE")):
-            seen.append((statement, parameters))
+    def recording(self: DriverConnection, sql: str, params: Any = ()) -> Any:
+        if sql.lstrip().upper().startswith(("SELECT", "UPDATE")):
+            seen.append((sql, params))
+        return original(self, sql, params)
 
-    event.listen(database.engine, "before_cursor_execute", listener)
+    DriverConnection.execute = recording  # type: ignore[method-assign]
     try:
         action()
     finally:
-        event.remove(database.engine, "before_cursor_execute", listener)
+        DriverConnection.execute = original  # type: ignore[method-assign]
     return seen
 
 
-def query_plans(path: Path, database: Database, service: TaskService, directories: int) -> list[str]:
+def query_plans(path: Path, service: TaskService, directories: int) -> list[str]:
     """EXPLAIN QUERY PLAN of every SELECT/UPDATE that one acquire and two list calls really run."""
     statements = _capture(
-        database,
         lambda: (
             service.acquire_task(directory(1 % directories)),
             service.list_tasks(directory(2 % directories), None, None, None, 50, None),
@@ -118,6 +118,8 @@ def query_plans(path: Path, database: Database, service: TaskService, directorie
     )
     conn = sqlite3.connect(path)
     lines = []
+    if not statements:
+        raise RuntimeError("no statements captured for the query plans")
     for statement, parameters in statements:
         lines.append("  " + " ".join(statement.split())[:160])
         for row in conn.execute("EXPLAIN QUERY PLAN " + statement, parameters):
@@ -153,7 +155,7 @@ def measure(ws: Workspace, count: int, calls: int, plans: bool) -> dict[str, Any
         acquire = _timed(lambda i: service.acquire_task(directory(picks[i])), calls)
         by_dir = _timed(lambda i: service.list_tasks(directory(picks[i]), None, None, None, 50, None), calls)
         by_status = _timed(lambda _i: service.list_tasks(None, "pending", None, None, 50, None), calls)
-        plan = query_plans(path, database, service, directories) if plans else []
+        plan = query_plans(path, service, directories) if plans else []
     finally:
         database.dispose()
     path.unlink()
