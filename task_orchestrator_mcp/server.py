@@ -145,6 +145,18 @@ def open_database(settings: Settings) -> Database:
     return database
 
 
+def task_service(settings: Settings, database: Database, clock: Clock | None = None) -> TaskService:
+    """The task service over an open database, configured from ``settings``."""
+    from task_orchestrator_mcp.service import TaskService, utc_now
+
+    return TaskService(
+        database,
+        clock=clock or utc_now,
+        worker_id=settings.worker_id,
+        max_payload_bytes=settings.max_payload_bytes,
+    )
+
+
 class OpeningDatabase:
     """The database being opened (and migrated) on a thread, and then the task service over it.
 
@@ -178,18 +190,12 @@ class OpeningDatabase:
 
     def _open(self) -> None:
         from task_orchestrator_mcp.log import quiet
-        from task_orchestrator_mcp.service import TaskService, utc_now
 
         try:
             # A failure is reported once, as a whole line, by whoever handles it; not also as a warning.
             with quiet("task_orchestrator_mcp.db.engine", "WARNING"):
                 self._database = open_database(self._settings)
-            self._service = TaskService(
-                self._database,
-                clock=self._clock or utc_now,
-                worker_id=self._settings.worker_id,
-                max_payload_bytes=self._settings.max_payload_bytes,
-            )
+            self._service = task_service(self._settings, self._database, self._clock)
         except BaseException as exc:
             self.error = exc
         finally:
@@ -247,15 +253,7 @@ def build_server(
     @asynccontextmanager
     async def lifespan(_server: MCPServer[AppState]) -> AsyncIterator[AppState]:
         if database is not None:
-            from task_orchestrator_mcp.service import TaskService, utc_now
-
-            service = TaskService(
-                database,
-                clock=clock or utc_now,
-                worker_id=settings.worker_id,
-                max_payload_bytes=settings.max_payload_bytes,
-            )
-            yield AppState.of(service)
+            yield AppState.of(task_service(settings, database, clock))
             return
         pending = opening or OpeningDatabase(settings, clock=clock)
         pending.start()

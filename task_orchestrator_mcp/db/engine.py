@@ -145,13 +145,10 @@ class Database:
         generation = self._generation
         # The pool pings PostgreSQL connections here (pool_pre_ping) and reconnects if one is stale.
         try:
-            return generation, self.engine.raw_connection()
-        except self._driver_error as exc:
+            with translate_errors():  # what SQLAlchemy's pool raises itself (a timeout, when exhausted)
+                return generation, self.engine.raw_connection()
+        except self._driver_error as exc:  # a connect or ping error, straight from the driver
             raise self._translate_driver_error(exc, None) from exc
-        except sa_exc.DBAPIError as exc:
-            raise _translate(exc) from exc
-        except sa_exc.TimeoutError as exc:  # pool exhausted
-            raise DatabaseUnavailable("The database is busy (no free connection). Retry shortly.") from exc
 
     def _checkin(self, generation: int, fairy: PoolProxiedConnection, write: bool) -> None:
         if not fairy.is_valid:
