@@ -41,6 +41,10 @@ Clock = Callable[[], datetime]
 
 MAX_LIST_LIMIT = 200
 MAX_ATTEMPTS_LIMIT = 100
+# Every lease is at least this long, in every process: a lease granted from now on cannot run out
+# sooner than this from now, which is what lets acquire skip looking for expired leases (see
+# _recover_expired).
+MIN_LEASE_SECONDS = 1
 MAX_LEASE_SECONDS = 7 * 86_400
 MAX_TAGS = 32
 MAX_TAG_CHARS = 64
@@ -84,7 +88,11 @@ class TaskService:
         self._clock = clock
         self.worker_id = worker_id or default_worker_id()
         self._max_payload = max_payload_bytes
-        self._default_lease = default_lease_seconds
+        self._default_lease = _int_in_range(
+            default_lease_seconds, "default_lease_seconds", MIN_LEASE_SECONDS, MAX_LEASE_SECONDS
+        )
+        # (checked at, no lease can have run out before): set when a check found nothing expired.
+        self._no_expiry: tuple[datetime, datetime] | None = None
 
     @property
     def reads_never_wait(self) -> bool:
@@ -188,17 +196,8 @@ class TaskService:
             now = self._now()
             repo = TaskRepository(conn)
             self._recover_expired(repo, now)
-            task = repo.claim_next(directory, worker, now, now + timedelta(seconds=lease), lease)
-            if task is not None:
-                repo.add_history(
-                    task.task_id,
-                    TaskStatus.PENDING,
-                    TaskStatus.IN_PROGRESS,
-                    worker,
-                    now,
-                    {"attempt": task.attempts, "lease_seconds": lease},
-                )
-        return task
+            # Records the claim in the history too (details: attempt and lease length).
+            return repo.claim_next(directory, worker, now, now + timedelta(seconds=lease), lease)
 
     def heartbeat_task(
         self, task_id: str, worker_id: str | None = None, lease_seconds: int | None = None
@@ -240,10 +239,11 @@ class TaskService:
                     "completed_at": now,
                     "lease_expires_at": None,
                 },
+                to_status=TaskStatus.COMPLETED,
+                at=now,
             )
             if updated is None:
                 raise _refusal(_found(repo.get(task_id), task_id), worker, "complete")
-            repo.add_history(task_id, TaskStatus.IN_PROGRESS, TaskStatus.COMPLETED, worker, now)
         return updated
 
     def fail_task(self, task_id: str, error: str, worker_id: str | None = None, retry: bool = True) -> Task:
@@ -304,6 +304,24 @@ class TaskService:
     # -- rules --------------------------------------------------------------------------------------
 
     def _recover_expired(self, repo: TaskRepository, now: datetime) -> None:
+        """Return expired leases to the queue (or fail them for good), oldest expiry first.
+
+        Looking costs a statement per acquire, so a check that finds nothing expired also notes the
+        earliest lease still running. Until that instant, and for at most MIN_LEASE_SECONDS (a lease
+        granted meanwhile, by any process, runs at least that long), no lease can run out, and the
+        next acquires of this process skip the look. Exact on one clock; with clocks that disagree
+        (PostgreSQL shared across machines) a recovery can come up to MIN_LEASE_SECONDS late.
+        """
+        known = self._no_expiry
+        if known is not None and known[0] <= now < known[1]:
+            return
+        earliest = repo.earliest_lease_expiry()
+        if earliest is None or earliest >= now:
+            # Nothing to recover, so nothing this transaction does depends on it: safe to keep even if
+            # the transaction later rolls back.
+            horizon = now + timedelta(seconds=MIN_LEASE_SECONDS)
+            self._no_expiry = (now, horizon if earliest is None else min(horizon, earliest))
+            return
         for task in repo.expired_leases(now, EXPIRY_BATCH):
             again = task.attempts < task.max_attempts
             to = TaskStatus.PENDING if again else TaskStatus.FAILED
@@ -343,7 +361,7 @@ class TaskService:
     def _lease(self, lease_seconds: int | None) -> int:
         if lease_seconds is None:
             return self._default_lease
-        return _int_in_range(lease_seconds, "lease_seconds", 1, MAX_LEASE_SECONDS)
+        return _int_in_range(lease_seconds, "lease_seconds", MIN_LEASE_SECONDS, MAX_LEASE_SECONDS)
 
     def _check_text(self, value: str, name: str, *, allow_empty: bool = False) -> str:
         if not isinstance(value, str):

@@ -72,6 +72,7 @@ class Database:
         except (sa_exc.ArgumentError, ValueError) as exc:
             raise DatabaseError(f"Not a valid database URL: {exc}.") from None
         self.dialect = self.url.get_backend_name()
+        self.is_sqlite = self.dialect == "sqlite"
         driver = self.url.get_driver_name()
         if self.dialect == "sqlite" and driver in ("", "pysqlite"):
             self.engine = _sqlite_engine(self.url, busy_timeout_ms, sqlite_synchronous, pool_size)
@@ -104,33 +105,13 @@ class Database:
         self._generation = 0
         self._closed = False
 
-    @property
-    def is_sqlite(self) -> bool:
-        """True on the embedded SQLite backend."""
-        return self.dialect == "sqlite"
-
-    @contextmanager
-    def transaction(self, *, write: bool) -> Iterator[DriverConnection]:
+    def transaction(self, *, write: bool) -> _Transaction:
         """The service's transactions, on the driver connection: committed on success, rolled back on
         any error. Writes take SQLite's write lock up front (BEGIN IMMEDIATE); reads see one snapshot
-        (SQLite's BEGIN, PostgreSQL's REPEATABLE READ). Driver errors become domain errors."""
-        generation, fairy = self._checkout()
-        raw: Any = fairy.driver_connection
-        try:
-            if self.is_sqlite:
-                raw.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            else:
-                # Takes effect at the implicit BEGIN of the first statement; no round trip here.
-                raw.isolation_level = None if write else _pg_repeatable_read()
-            yield DriverConnection(raw, self.engine.dialect)
-            raw.commit()
-        except BaseException as exc:
-            _rollback_quietly(raw)
-            if isinstance(exc, self._driver_error):
-                raise self._translate_driver_error(exc, fairy) from exc
-            raise
-        finally:
-            self._checkin(generation, fairy, write)
+        (SQLite's BEGIN, PostgreSQL's REPEATABLE READ). Driver errors become domain errors.
+
+        Use as ``with database.transaction(write=True) as conn:``."""
+        return _Transaction(self, write)
 
     def _checkout(self) -> tuple[int, PoolProxiedConnection]:
         now = time.monotonic()
@@ -222,6 +203,63 @@ class Database:
         while self._idle:
             self._idle.pop()[1].close()
         self.engine.dispose()
+
+
+class _Transaction:
+    """The context manager behind :meth:`Database.transaction` (a class: it runs twice per claim, and
+    contextlib's generator machinery costs more than SQLite's BEGIN)."""
+
+    __slots__ = ("_db", "_fairy", "_generation", "_raw", "_write")
+
+    def __init__(self, database: Database, write: bool) -> None:
+        self._db = database
+        self._write = write
+
+    def __enter__(self) -> DriverConnection:
+        db = self._db
+        self._generation, self._fairy = db._checkout()
+        raw: Any = self._fairy.driver_connection
+        self._raw = raw
+        try:
+            if db.is_sqlite:
+                raw.execute("BEGIN IMMEDIATE" if self._write else "BEGIN")
+            else:
+                # Takes effect at the implicit BEGIN of the first statement; no round trip here.
+                raw.isolation_level = None if self._write else _pg_repeatable_read()
+        except BaseException as exc:
+            translated = self._abort(exc)
+            if translated is None:
+                raise
+            raise translated from exc
+        return DriverConnection(raw, db.engine.dialect)
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, _tb: object) -> None:
+        if exc is None:
+            try:
+                self._raw.commit()
+            except BaseException as commit_error:
+                translated = self._abort(commit_error)
+                if translated is None:
+                    raise
+                raise translated from commit_error
+            self._db._checkin(self._generation, self._fairy, self._write)
+            return
+        translated = self._abort(exc)
+        if translated is not None:
+            raise translated from exc
+        # Returning (falsy) lets ``exc`` itself propagate.
+
+    def _abort(self, exc: BaseException) -> DatabaseError | None:
+        """Roll back and give the connection back; a driver error comes back as the domain error to
+        raise instead (translated first: a lost connection must be dropped, not pooled)."""
+        db = self._db
+        _rollback_quietly(self._raw)
+        try:
+            if isinstance(exc, db._driver_error):
+                return db._translate_driver_error(exc, self._fairy)
+            return None
+        finally:
+            db._checkin(self._generation, self._fairy, self._write)
 
 
 def _rollback_quietly(raw: Any) -> None:

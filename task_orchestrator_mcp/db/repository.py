@@ -22,7 +22,20 @@ from typing import Any
 
 from pydantic import TypeAdapter
 from pydantic_core import from_json, to_json
-from sqlalchemy import Dialect, Integer, and_, bindparam, exists, func, insert, or_, select, update
+from sqlalchemy import (
+    Dialect,
+    Integer,
+    Update,
+    and_,
+    bindparam,
+    exists,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.sql import ClauseElement
 
 from task_orchestrator_mcp.db.engine import DriverConnection
@@ -113,12 +126,18 @@ class _Prepared:
 _PREPARED: weakref.WeakKeyDictionary[Dialect, dict[Hashable, _Prepared]] = weakref.WeakKeyDictionary()
 
 
-def _prepared(
-    dialect: Dialect, key: Hashable, build: Callable[[], ClauseElement], column_keys: Sequence[str] = ()
-) -> _Prepared:
+def _statements(dialect: Dialect) -> dict[Hashable, _Prepared]:
+    """The compiled statements of one dialect (filled as they are first used)."""
     cache = _PREPARED.get(dialect)
     if cache is None:
         cache = _PREPARED.setdefault(dialect, {})
+    return cache
+
+
+def _prepared(
+    dialect: Dialect, key: Hashable, build: Callable[[], ClauseElement], column_keys: Sequence[str] = ()
+) -> _Prepared:
+    cache = _statements(dialect)
     found = cache.get(key)
     if found is None:
         found = cache[key] = _Prepared.compile(build(), dialect, column_keys)
@@ -136,7 +155,7 @@ def _candidate(row_locks: bool) -> Any:
     return stmt.with_for_update(skip_locked=True) if row_locks else stmt
 
 
-def _claim(row_locks: bool) -> ClauseElement:
+def _claim(row_locks: bool) -> Update:
     return (
         update(tasks)
         .where(tasks.c.id == _candidate(row_locks).scalar_subquery(), tasks.c.status == _PENDING)
@@ -151,6 +170,70 @@ def _claim(row_locks: bool) -> ClauseElement:
         )
         .returning(*tasks.c)
     )
+
+
+_HISTORY_INSERT_COLUMNS = ["task_id", "from_status", "to_status", "worker_id", "at", "details"]
+
+
+def _claim_recorded() -> ClauseElement:
+    """PostgreSQL: the claim and its history row in one statement (one round trip, not two); the
+    history's details are the claim's attempt and lease, read from the claimed row."""
+    claimed = _claim(row_locks=True).cte("claimed")
+    logged = (
+        insert(task_history)
+        .from_select(
+            _HISTORY_INSERT_COLUMNS,
+            select(
+                claimed.c.id,
+                literal_column(f"'{_PENDING}'"),
+                literal_column(f"'{_IN_PROGRESS}'"),
+                claimed.c.worker_id,
+                claimed.c.started_at,
+                func.jsonb_build_object(
+                    literal_column("'attempt'"),
+                    claimed.c.attempts,
+                    literal_column("'lease_seconds'"),
+                    claimed.c.lease_seconds,
+                ),
+            ),
+        )
+        .cte("logged")
+    )
+    return select(*claimed.c).add_cte(logged)
+
+
+def _update_held(keys: Sequence[str]) -> Update:
+    return (
+        update(tasks)
+        .where(
+            tasks.c.id == bindparam("b_id"),
+            tasks.c.status == _IN_PROGRESS,
+            tasks.c.worker_id == bindparam("b_worker"),
+        )
+        .values({key: bindparam(f"v_{key}") for key in keys})
+        .returning(*tasks.c)
+    )
+
+
+def _update_held_recorded(keys: Sequence[str]) -> ClauseElement:
+    """PostgreSQL: the guarded update and its history row in one statement."""
+    updated = _update_held(keys).cte("updated")
+    logged = (
+        insert(task_history)
+        .from_select(
+            _HISTORY_INSERT_COLUMNS,
+            select(
+                updated.c.id,
+                literal_column(f"'{_IN_PROGRESS}'"),
+                bindparam("h_to", type_=task_history.c.to_status.type),
+                updated.c.worker_id,
+                bindparam("h_at", type_=UTCDateTime()),
+                bindparam("h_details", type_=task_history.c.details.type),
+            ),
+        )
+        .cte("logged")
+    )
+    return select(*updated.c).add_cte(logged)
 
 
 def _expired(row_locks: bool) -> ClauseElement:
@@ -242,19 +325,28 @@ class _Codec:
 
     def __init__(self, dialect: Dialect) -> None:
         self.sqlite = dialect.name == "sqlite"
+        self._last_time: tuple[datetime | None, str] = (None, "")
         if not self.sqlite:
             from psycopg.types.json import Jsonb
 
             self._jsonb = Jsonb
 
     def time_in(self, value: datetime | None) -> Any:
-        if value is None:
-            return None
+        if value is None or not self.sqlite:
+            if value is not None and value.tzinfo is None:
+                raise ValueError("naive datetime given to a UTC column")
+            return value
+        # One operation stores the same instant several times (updated_at, started_at, history):
+        # the last conversion is kept, as one tuple so that threads sharing the codec never see a
+        # value paired with another's text.
+        last = self._last_time
+        if last[0] is value:
+            return last[1]
         if value.tzinfo is None:
             raise ValueError("naive datetime given to a UTC column")
-        if self.sqlite:
-            return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
-        return value
+        text = value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+        self._last_time = (value, text)
+        return text
 
     def json_in(self, value: Any) -> Any:
         if value is None:
@@ -298,6 +390,7 @@ class TaskRepository:
         self._conn = conn
         self._dialect = conn.dialect
         self._codec = _codec(conn.dialect)
+        self._statements = _statements(conn.dialect)
         self._row_locks = not conn.is_sqlite
 
     def _run(
@@ -307,7 +400,7 @@ class TaskRepository:
         given: Mapping[str, Any],
         column_keys: Sequence[str] = (),
     ) -> Any:
-        prepared = _prepared(self._dialect, key, build, column_keys)
+        prepared = self._statements.get(key) or _prepared(self._dialect, key, build, column_keys)
         return self._conn.execute(prepared.sql, prepared.params(given))
 
     # -- writes -------------------------------------------------------------------------------------
@@ -331,25 +424,38 @@ class TaskRepository:
     def claim_next(
         self, work_directory: str, worker_id: str, now: datetime, lease_until: datetime, lease_seconds: int
     ) -> Task | None:
-        """Claim the first pending task of a directory in (priority, age) order, in one statement.
+        """Claim the first pending task of a directory in (priority, age) order, and record the claim
+        in its history (pending -> in_progress, details: the attempt and the lease length).
 
         ``UPDATE ... WHERE id = (SELECT ... LIMIT 1 [FOR UPDATE SKIP LOCKED]) AND status = 'pending'``:
         on PostgreSQL the sub-select locks the row (skipping rows other claimers hold) and the status
         predicate is re-checked on the locked row, so two transactions can never claim one row; on
-        SQLite the write transaction already excludes every other writer.
+        SQLite the write transaction already excludes every other writer. PostgreSQL writes the
+        history row in the same statement; SQLite, in-process, runs a second one.
         """
-        rows = self._run(
-            ("claim", self._row_locks),
-            lambda: _claim(self._row_locks),
-            {
-                "b_dir": work_directory,
-                "b_worker": worker_id,
-                "b_now": self._codec.time_in(now),
-                "b_until": self._codec.time_in(lease_until),
-                "b_lease": lease_seconds,
-            },
-        ).fetchall()
-        return self._task(rows[0]) if rows else None
+        given = {
+            "b_dir": work_directory,
+            "b_worker": worker_id,
+            "b_now": self._codec.time_in(now),
+            "b_until": self._codec.time_in(lease_until),
+            "b_lease": lease_seconds,
+        }
+        if self._row_locks:
+            rows = self._run("claim_recorded", _claim_recorded, given).fetchall()
+            return self._task(rows[0]) if rows else None
+        rows = self._run("claim", lambda: _claim(row_locks=False), given).fetchall()
+        if not rows:
+            return None
+        task = self._task(rows[0])
+        self.add_history(
+            task.task_id,
+            TaskStatus.PENDING,
+            TaskStatus.IN_PROGRESS,
+            worker_id,
+            now,
+            {"attempt": task.attempts, "lease_seconds": lease_seconds},
+        )
+        return task
 
     def update_task(self, task_id: str, values: Mapping[str, Any]) -> Task:
         """Set columns of one task and return it as it now is."""
@@ -365,28 +471,38 @@ class TaskRepository:
         ).fetchall()
         return self._task(rows[0])
 
-    def update_held_task(self, task_id: str, worker_id: str, values: Mapping[str, Any]) -> Task | None:
-        """Set columns of one task only if it is in progress and held by ``worker_id``, in one
-        statement; the task as it now is, or None if that condition did not hold (nothing changed)."""
+    def update_held_task(
+        self,
+        task_id: str,
+        worker_id: str,
+        values: Mapping[str, Any],
+        *,
+        to_status: TaskStatus,
+        at: datetime,
+        details: Mapping[str, Any] | None = None,
+    ) -> Task | None:
+        """Set columns of one task only if it is in progress and held by ``worker_id``, and record
+        the change in its history (in_progress -> ``to_status``); the task as it now is, or None if
+        that condition did not hold (nothing changed, nothing recorded). One statement on
+        PostgreSQL, two on SQLite."""
         keys = tuple(values)
-        given = self._codec.values_in(values)
+        converted = self._codec.values_in(values)
+        given = {f"v_{key}": converted[key] for key in keys}
         given["b_id"] = task_id
         given["b_worker"] = worker_id
-        rows = self._run(
-            ("update_held_task", keys),
-            lambda: (
-                update(tasks)
-                .where(
-                    tasks.c.id == bindparam("b_id"),
-                    tasks.c.status == _IN_PROGRESS,
-                    tasks.c.worker_id == bindparam("b_worker"),
-                )
-                .returning(*tasks.c)
-            ),
-            given,
-            keys,
-        ).fetchall()
-        return self._task(rows[0]) if rows else None
+        if self._row_locks:
+            given["h_to"] = to_status.value
+            given["h_at"] = self._codec.time_in(at)
+            given["h_details"] = self._codec.json_in(None if details is None else dict(details))
+            rows = self._run(
+                ("update_held_recorded", keys), lambda: _update_held_recorded(keys), given
+            ).fetchall()
+            return self._task(rows[0]) if rows else None
+        rows = self._run(("update_held", keys), lambda: _update_held(keys), given).fetchall()
+        if not rows:
+            return None
+        self.add_history(task_id, TaskStatus.IN_PROGRESS, to_status, worker_id, at, details)
+        return self._task(rows[0])
 
     def add_history(
         self,
@@ -429,6 +545,23 @@ class TaskRepository:
             {"b_id": task_id},
         ).fetchone()
         return None if row is None else row[0]
+
+    def earliest_lease_expiry(self) -> datetime | None:
+        """When the first running lease ends (None: no task is in progress); one index probe.
+
+        ORDER BY ... LIMIT 1 rather than min(): SQLite reads one index entry for it, but walks every
+        in-progress entry for min() with the status prefix."""
+        row = self._run(
+            "earliest_lease",
+            lambda: (
+                select(tasks.c.lease_expires_at)
+                .where(tasks.c.status == _IN_PROGRESS, tasks.c.lease_expires_at.is_not(None))
+                .order_by(tasks.c.lease_expires_at)
+                .limit(1)
+            ),
+            {},
+        ).fetchone()
+        return None if row is None else _time_out(row[0])
 
     def expired_leases(self, now: datetime, limit: int) -> list[Task]:
         """In-progress tasks whose lease ended before ``now``, locked (skipping ones others hold)."""

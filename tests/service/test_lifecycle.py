@@ -6,7 +6,8 @@ from collections.abc import Callable
 
 import pytest
 
-from task_orchestrator_mcp.errors import InvalidTransition, NotLeaseHolder, TaskNotFound
+from task_orchestrator_mcp.db.engine import Database
+from task_orchestrator_mcp.errors import InvalidInput, InvalidTransition, NotLeaseHolder, TaskNotFound
 from task_orchestrator_mcp.models import Priority, TaskStatus
 from task_orchestrator_mcp.service import TaskService
 from tests.support import FakeClock
@@ -162,6 +163,37 @@ def test_holder_with_expired_but_untaken_lease_may_still_finish(
         service.complete_task(created.task_id, "late but nobody else took it", "w1").status
         is TaskStatus.COMPLETED
     )
+
+
+def test_acquire_recovers_a_lease_the_moment_it_ends_though_checks_are_skipped(
+    database: Database, clock: FakeClock
+) -> None:
+    """Acquire skips the look for expired leases while none can have ended; two services (as two
+    processes) on one database and clock show that a lease still ends exactly on time, whether it
+    was running at the last check or granted by the other process after it."""
+    first, second = (TaskService(database, clock=clock, worker_id=name) for name in ("first", "second"))
+    running = first.create_task(DIR, "running at the check")
+    assert second.acquire_task(DIR, lease_seconds=1) is not None  # ends at 12:00:01
+    clock.advance(0.5)
+    assert first.acquire_task("/elsewhere") is None  # checks now: the earliest lease ends at 12:00:01
+    clock.advance(0.6)
+    again = first.acquire_task(DIR)
+    assert again is not None
+    assert (again.task_id, again.worker_id, again.attempts) == (running.task_id, "first", 2)
+
+    later = first.create_task(DIR, "granted after the check")
+    assert first.acquire_task("/elsewhere") is None  # checks at 12:00:01.1: no lease ends before 12:00:02.1
+    clock.advance(0.25)
+    assert second.acquire_task(DIR, lease_seconds=1) is not None  # ends at 12:00:02.35
+    clock.advance(1.2)
+    taken = first.acquire_task(DIR)
+    assert taken is not None
+    assert (taken.task_id, taken.worker_id, taken.attempts) == (later.task_id, "first", 2)
+
+
+def test_service_refuses_a_default_lease_below_the_minimum(database: Database) -> None:
+    with pytest.raises(InvalidInput, match="default_lease_seconds"):
+        TaskService(database, default_lease_seconds=0)
 
 
 def test_lease_expiry_after_last_attempt_fails_the_task(service: TaskService, clock: FakeClock) -> None:
