@@ -392,6 +392,8 @@ class TaskRepository:
         self._codec = _codec(conn.dialect)
         self._statements = _statements(conn.dialect)
         self._row_locks = not conn.is_sqlite
+        # PostgreSQL runs data-modifying WITH clauses: a change and its history row in one round trip.
+        self._dml_in_with = not conn.is_sqlite
 
     def _run(
         self,
@@ -440,7 +442,7 @@ class TaskRepository:
             "b_until": self._codec.time_in(lease_until),
             "b_lease": lease_seconds,
         }
-        if self._row_locks:
+        if self._dml_in_with:
             rows = self._run("claim_recorded", _claim_recorded, given).fetchall()
             return self._task(rows[0]) if rows else None
         rows = self._run("claim", lambda: _claim(row_locks=False), given).fetchall()
@@ -490,7 +492,7 @@ class TaskRepository:
         given = {f"v_{key}": converted[key] for key in keys}
         given["b_id"] = task_id
         given["b_worker"] = worker_id
-        if self._row_locks:
+        if self._dml_in_with:
             given["h_to"] = to_status.value
             given["h_at"] = self._codec.time_in(at)
             given["h_details"] = self._codec.json_in(None if details is None else dict(details))
