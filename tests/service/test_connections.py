@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 from task_orchestrator_mcp.db.engine import Database
 from task_orchestrator_mcp.db.migrate import ensure_schema
 from task_orchestrator_mcp.errors import DatabaseError
+from task_orchestrator_mcp.service import TaskService
 
 
 def test_more_concurrent_transactions_than_the_pool_keeps_all_finish(tmp_path: Path) -> None:
@@ -68,3 +70,38 @@ def test_a_bare_postgresql_url_means_psycopg_3() -> None:
     db = Database("postgresql://u@127.0.0.1:1/db")
     assert db.url.drivername == "postgresql+psycopg"
     db.dispose()
+
+
+def test_sqlite_checkpoints_on_a_background_thread_not_in_a_callers_commit(tmp_path: Path) -> None:
+    """Once a burst of writes is over, the background thread copies the WAL into the database file
+    (read here with ``immutable=1``, which ignores the WAL), long before the automatic checkpoint's
+    threshold; a process that only reads never starts the thread; dispose stops it."""
+    path = tmp_path / "t.db"
+    db = Database(f"sqlite:///{path}")
+    ensure_schema(db)
+    checkpointer = db.checkpointer
+    assert checkpointer is not None
+    reader = Database(f"sqlite:///{path}")
+    TaskService(reader).list_tasks()
+    assert reader.checkpointer is not None
+    assert reader.checkpointer._thread is None
+    reader.dispose()
+
+    service = TaskService(db, worker_id="w")
+    burst = 100
+    for i in range(burst):
+        service.create_task("/work", f"task {i}")
+    deadline = time.monotonic() + 10
+    while checkpointer.runs == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert checkpointer.runs >= 1
+    main_file = sqlite3.connect(f"file:{path}?immutable=1", uri=True)
+    try:
+        in_file = main_file.execute("SELECT count(*) FROM tasks").fetchone()[0]
+    finally:
+        main_file.close()
+    assert in_file == burst
+    thread = checkpointer._thread
+    assert thread is not None
+    db.dispose()
+    assert not thread.is_alive()
