@@ -54,6 +54,9 @@ def table(results: list[Result]) -> str:
         extra = ""
         if "double_claims" in r.extra:
             extra = f" (dbl {r.extra['double_claims']}, err {r.extra['errors']})"
+        if "call_ms" in r.extra:
+            call = r.extra["call_ms"]
+            extra += f" [call p99 {_fmt(call[99], 'ms')}, max {_fmt(call['max'], 'ms')}]"
         rows.append(
             (r.part, r.name + extra, _fmt(r.value, r.unit), _fmt(r.floor, r.unit), ratio, r.goal, met)
         )

@@ -20,14 +20,23 @@ from sqlalchemy import text
 
 from task_orchestrator_mcp.db.engine import Database
 from task_orchestrator_mcp.db.migrate import ensure_schema
-from tests.benchmarks.common import SQLITE_TIME, Result, Workspace, load_tasks, sqlite_url, task_rows
+from tests.benchmarks.common import (
+    SQLITE_TIME,
+    Result,
+    Workspace,
+    load_tasks,
+    percentile,
+    sqlite_url,
+    task_rows,
+)
 
 DIRECTORY = "/bench/claims"
 MAX_ERRORS = 200
 # More tasks than any run drains in its time budget.
 QUEUE = 20_000
-# (worker index, claimed ids, errors, finish time on the shared monotonic clock)
-Report = tuple[int, list[str], int, float]
+# (worker index, claimed ids, errors, finish time on the shared monotonic clock, seconds per call:
+# each acquire and each complete; each transaction for the raw loops)
+Report = tuple[int, list[str], int, float, list[float]]
 
 _SQLITE_CLAIM = """
 UPDATE tasks SET status = 'in_progress', worker_id = ?, attempts = attempts + 1,
@@ -65,6 +74,7 @@ def _raw_sqlite_worker(index: int, url: str, barrier: Any, out: Any, seconds: fl
     conn.execute("PRAGMA foreign_keys = ON")
     worker = f"raw-{index}"
     claimed: list[str] = []
+    calls: list[float] = []
     errors = 0
     barrier.wait()
     deadline = time.monotonic() + seconds
@@ -72,23 +82,27 @@ def _raw_sqlite_worker(index: int, url: str, barrier: Any, out: Any, seconds: fl
         now = datetime.now(UTC).replace(tzinfo=None)
         stamp, lease = now.strftime(SQLITE_TIME), (now + timedelta(seconds=900)).strftime(SQLITE_TIME)
         try:
+            started = time.perf_counter()
             conn.execute("BEGIN IMMEDIATE")
             row = conn.execute(_SQLITE_CLAIM, (worker, stamp, stamp, lease, DIRECTORY)).fetchone()
             if row is not None:
                 conn.execute(_SQLITE_HISTORY, (row[0], "pending", "in_progress", worker, stamp))
             conn.execute("COMMIT")
+            calls.append(time.perf_counter() - started)
             if row is None:
                 break
+            started = time.perf_counter()
             conn.execute("BEGIN IMMEDIATE")
             conn.execute(_SQLITE_DONE, (stamp, stamp, row[0], worker))
             conn.execute(_SQLITE_HISTORY, (row[0], "in_progress", "completed", worker, stamp))
             conn.execute("COMMIT")
+            calls.append(time.perf_counter() - started)
             claimed.append(row[0])
         except sqlite3.Error:
             errors += 1
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-    out.put((index, claimed, errors, time.monotonic()))
+    out.put((index, claimed, errors, time.monotonic(), calls))
 
 
 def _raw_pg_worker(index: int, url: str, barrier: Any, out: Any, seconds: float) -> None:
@@ -97,27 +111,32 @@ def _raw_pg_worker(index: int, url: str, barrier: Any, out: Any, seconds: float)
     conn = psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True)
     worker = f"raw-{index}"
     claimed: list[str] = []
+    calls: list[float] = []
     errors = 0
     barrier.wait()
     deadline = time.monotonic() + seconds
     while errors < MAX_ERRORS and time.monotonic() < deadline:
         now = datetime.now(UTC)
         try:
+            started = time.perf_counter()
             with conn.transaction():
                 row = conn.execute(
                     _PG_CLAIM, (worker, now, now, now + timedelta(seconds=900), DIRECTORY)
                 ).fetchone()
                 if row is not None:
                     conn.execute(_PG_HISTORY, (row[0], "pending", "in_progress", worker, now))
+            calls.append(time.perf_counter() - started)
             if row is None:
                 break
+            started = time.perf_counter()
             with conn.transaction():
                 conn.execute(_PG_DONE, (now, now, row[0], worker))
                 conn.execute(_PG_HISTORY, (row[0], "in_progress", "completed", worker, now))
+            calls.append(time.perf_counter() - started)
             claimed.append(row[0])
         except psycopg.Error:
             errors += 1
-    out.put((index, claimed, errors, time.monotonic()))
+    out.put((index, claimed, errors, time.monotonic(), calls))
 
 
 def _service_worker(index: int, url: str, barrier: Any, out: Any, seconds: float) -> None:
@@ -126,20 +145,26 @@ def _service_worker(index: int, url: str, barrier: Any, out: Any, seconds: float
     database = Database(url)
     service = TaskService(database, worker_id=f"svc-{index}")
     claimed: list[str] = []
+    calls: list[float] = []
     errors = 0
     barrier.wait()
     deadline = time.monotonic() + seconds
     while errors < MAX_ERRORS and time.monotonic() < deadline:
         try:
+            started = time.perf_counter()
             task = service.acquire_task(DIRECTORY)
+            calls.append(time.perf_counter() - started)
             if task is None:
                 break
+            started = time.perf_counter()
             service.complete_task(task.task_id, "done")
+            calls.append(time.perf_counter() - started)
             claimed.append(task.task_id)
         except Exception:
             errors += 1
+    finished = time.monotonic()
     database.dispose()
-    out.put((index, claimed, errors, time.monotonic()))
+    out.put((index, claimed, errors, finished, calls))
 
 
 def _e2e_worker(index: int, url: str, barrier: Any, out: Any, seconds: float) -> None:
@@ -147,8 +172,9 @@ def _e2e_worker(index: int, url: str, barrier: Any, out: Any, seconds: float) ->
 
     from tests.support import server_params
 
-    async def main() -> tuple[list[str], int]:
+    async def main() -> tuple[list[str], int, list[float]]:
         claimed: list[str] = []
+        calls: list[float] = []
         errors = 0
         async with Client(server_params(url, TASK_ORCHESTRATOR_WORKER_ID=f"e2e-{index}"), mode="legacy") as c:
             # The server answers the handshake while its database opens; one read waits for that, so
@@ -157,22 +183,26 @@ def _e2e_worker(index: int, url: str, barrier: Any, out: Any, seconds: float) ->
             barrier.wait()  # blocks the loop, on purpose: nothing else runs in this process yet
             deadline = time.monotonic() + seconds
             while errors < MAX_ERRORS and time.monotonic() < deadline:
+                started = time.perf_counter()
                 got = await c.call_tool("acquire_task", {"work_directory": DIRECTORY})
+                calls.append(time.perf_counter() - started)
                 if got.is_error or got.structured_content is None:
                     errors += 1
                     continue
                 task = got.structured_content["task"]
                 if task is None:
                     break
+                started = time.perf_counter()
                 done = await c.call_tool("complete_task", {"task_id": task["task_id"], "result": "done"})
+                calls.append(time.perf_counter() - started)
                 if done.is_error:
                     errors += 1
                     continue
                 claimed.append(task["task_id"])
-        return claimed, errors
+            return claimed, errors, calls
 
-    claimed, errors = asyncio.run(main())
-    out.put((index, claimed, errors, time.monotonic()))
+    claimed, errors, calls = asyncio.run(main())
+    out.put((index, claimed, errors, time.monotonic(), calls))
 
 
 WORKERS = {
@@ -216,7 +246,10 @@ def drain(kind: str, url: str, workers: int, seconds: float) -> dict[str, Any]:
             ).scalar_one()
     finally:
         database.dispose()
+    calls = sorted(seconds for report in reports for seconds in report[4])
     return {
+        # How long one call (or raw transaction) took, waits for the write lock included.
+        "call_ms": {q: percentile(calls, q) * 1000 for q in (50, 99, 99.9)} | {"max": calls[-1] * 1000},
         "per_s": sum(ids.values()) / (finished - started),
         "seconds": finished - started,
         "claimed": sum(ids.values()),
