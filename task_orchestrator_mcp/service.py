@@ -309,8 +309,11 @@ class TaskService:
         Looking costs a statement per acquire, so a check that finds nothing expired also notes the
         earliest lease still running. Until that instant, and for at most MIN_LEASE_SECONDS (a lease
         granted meanwhile, by any process, runs at least that long), no lease can run out, and the
-        next acquires of this process skip the look. Exact on one clock; with clocks that disagree
-        (PostgreSQL shared across machines) a recovery can come up to MIN_LEASE_SECONDS late.
+        next acquires of this process skip the look. Exact on SQLite with one clock (writers are
+        serialised, so a lease granted after the check also read the clock after it). A recovery can
+        come up to MIN_LEASE_SECONDS late where that does not hold: on PostgreSQL, a transaction that
+        read its clock before the check and committed after it; clocks that disagree across
+        machines; a wall clock stepped back and forward again.
         """
         known = self._no_expiry
         if known is not None and known[0] <= now < known[1]:

@@ -222,11 +222,12 @@ class _Transaction:
     """The context manager behind :meth:`Database.transaction` (a class: it runs twice per claim, and
     contextlib's generator machinery costs more than SQLite's BEGIN)."""
 
-    __slots__ = ("_db", "_fairy", "_generation", "_raw", "_write")
+    __slots__ = ("_changes", "_db", "_fairy", "_generation", "_raw", "_write")
 
     def __init__(self, database: Database, write: bool) -> None:
         self._db = database
         self._write = write
+        self._changes = 0
 
     def __enter__(self) -> DriverConnection:
         db = self._db
@@ -236,6 +237,7 @@ class _Transaction:
         try:
             if db.is_sqlite:
                 raw.execute("BEGIN IMMEDIATE" if self._write else "BEGIN")
+                self._changes = raw.total_changes  # a write that changed nothing needs no checkpoint
             else:
                 # Takes effect at the implicit BEGIN of the first statement; no round trip here.
                 raw.isolation_level = None if self._write else _pg_repeatable_read()
@@ -248,6 +250,7 @@ class _Transaction:
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, _tb: object) -> None:
         if exc is None:
+            db = self._db
             try:
                 self._raw.commit()
             except BaseException as commit_error:
@@ -255,10 +258,11 @@ class _Transaction:
                 if translated is None:
                     raise
                 raise translated from commit_error
-            db = self._db
-            db._checkin(self._generation, self._fairy, self._write)
-            if self._write and db.checkpointer is not None:
-                db.checkpointer.committed()
+            try:
+                if db.checkpointer is not None and self._raw.total_changes != self._changes:
+                    db.checkpointer.committed()
+            finally:  # committed: the connection goes back even if an interrupt lands here
+                db._checkin(self._generation, self._fairy, self._write)
             return
         translated = self._abort(exc)
         if translated is not None:
@@ -283,8 +287,9 @@ class _Checkpointer:
     writing, so that no caller's commit pays for it.
 
     PASSIVE checkpoints never wait for readers or writers. Several processes may each run one;
-    SQLite lets one checkpoint at a time and the others return at once. Started by the first write
-    commit (a process that only reads never starts it).
+    SQLite lets one checkpoint at a time and the others return at once. Started by the first commit
+    that changed rows (a process that only reads never starts it); the thread keeps one connection of
+    its own, outside the callers' pool.
     """
 
     def __init__(self, engine: Engine) -> None:
@@ -294,18 +299,22 @@ class _Checkpointer:
         self._thread: threading.Thread | None = None
         self._stopped = False
         self._last_commit = 0.0
-        self.runs = 0  # completed checkpoints (for tests and diagnostics)
+        self.runs = 0  # checkpoints run, complete or not (for tests and diagnostics)
 
     def committed(self) -> None:
-        """Note one write commit of this process."""
+        """Note a commit of this process that changed rows. Never raises: the caller's transaction
+        is committed, and a checkpoint that does not happen here is done by SQLite's backstop."""
         self._last_commit = time.monotonic()
-        if self._thread is None:
-            self._start()
-        if not self._wake.is_set():
-            self._wake.set()
+        try:
+            if self._thread is None:
+                self._start()
+            if not self._wake.is_set():
+                self._wake.set()
+        except Exception as exc:  # e.g. "can't start new thread" under a thread limit
+            logger.debug("background checkpoint not scheduled: {}", exc)
 
     def stop(self) -> None:
-        """Stop the thread (after the checkpoint it may be running)."""
+        """Stop the thread (after the checkpoint it may be running); it closes its connection."""
         self._stopped = True
         self._wake.set()
         thread = self._thread
@@ -320,25 +329,41 @@ class _Checkpointer:
                 self._thread = thread
 
     def _run(self) -> None:
-        while True:
-            self._wake.wait()  # a commit since the last checkpoint
-            self._wake.clear()
-            while not self._stopped:  # until this process has been quiet for a moment
-                quiet = time.monotonic() - self._last_commit
-                if quiet >= _CHECKPOINT_AFTER_QUIET_SECONDS:
-                    break
-                time.sleep(_CHECKPOINT_AFTER_QUIET_SECONDS - quiet)
-            if self._stopped:
-                return
-            try:
-                conn = self._engine.raw_connection()
+        own: PoolProxiedConnection | None = None  # this thread's connection, opened when first needed
+        try:
+            while True:
+                self._wake.wait()  # a commit since the last checkpoint
+                while not self._stopped:  # until this process has been quiet for a moment
+                    quiet = time.monotonic() - self._last_commit
+                    if quiet >= _CHECKPOINT_AFTER_QUIET_SECONDS:
+                        break
+                    time.sleep(_CHECKPOINT_AFTER_QUIET_SECONDS - quiet)
+                # Cleared here, not before the wait: the commits of the quiet wait are in this one.
+                self._wake.clear()
+                if self._stopped:
+                    return
                 try:
-                    conn.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()  # type: ignore[union-attr]
-                finally:
-                    conn.close()
-                self.runs += 1
-            except Exception as exc:  # the backstop still checkpoints; a request would report the cause
-                logger.debug("background checkpoint failed: {}", exc)
+                    if own is None:
+                        own = self._engine.raw_connection()  # with the engine's pragmas
+                        own.detach()  # out of the pool (takes no caller's slot); close() closes it
+                    driver: Any = own.dbapi_connection
+                    driver.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    self.runs += 1
+                except Exception as exc:  # the backstop still checkpoints; a request reports the cause
+                    logger.debug("background checkpoint failed: {}", exc)
+                    _close_quietly(own)
+                    own = None
+        finally:
+            _close_quietly(own)
+
+
+def _close_quietly(conn: PoolProxiedConnection | None) -> None:
+    """Close a connection, if any."""
+    if conn is not None:
+        try:
+            conn.close()
+        except Exception as exc:
+            logger.debug("close failed: {}", exc)
 
 
 def _rollback_quietly(raw: Any) -> None:

@@ -226,7 +226,7 @@ def _update_held_recorded(keys: Sequence[str]) -> ClauseElement:
                 updated.c.id,
                 literal_column(f"'{_IN_PROGRESS}'"),
                 bindparam("h_to", type_=task_history.c.to_status.type),
-                updated.c.worker_id,
+                bindparam("b_worker", type_=task_history.c.worker_id.type),  # the holder, as on SQLite
                 bindparam("h_at", type_=UTCDateTime()),
                 bindparam("h_details", type_=task_history.c.details.type),
             ),

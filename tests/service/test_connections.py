@@ -88,20 +88,32 @@ def test_sqlite_checkpoints_on_a_background_thread_not_in_a_callers_commit(tmp_p
     reader.dispose()
 
     service = TaskService(db, worker_id="w")
+    assert service.acquire_task("/work") is None  # a write transaction that changed nothing
+    assert checkpointer._thread is None
     burst = 100
     for i in range(burst):
         service.create_task("/work", f"task {i}")
+    # A pause inside the burst may already have let one checkpoint run: wait for the one after it.
+    in_file = -1
     deadline = time.monotonic() + 10
-    while checkpointer.runs == 0 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert checkpointer.runs >= 1
-    main_file = sqlite3.connect(f"file:{path}?immutable=1", uri=True)
-    try:
-        in_file = main_file.execute("SELECT count(*) FROM tasks").fetchone()[0]
-    finally:
-        main_file.close()
+    while in_file != burst and time.monotonic() < deadline:
+        time.sleep(0.05)
+        in_file = _rows_in_main_file(path)
     assert in_file == burst
+    assert checkpointer.runs >= 1
     thread = checkpointer._thread
     assert thread is not None
     db.dispose()
     assert not thread.is_alive()
+
+
+def _rows_in_main_file(path: Path) -> int:
+    """Tasks in the database file itself, the WAL ignored (-1 while a checkpoint is mid-copy)."""
+    main_file = sqlite3.connect(f"file:{path}?immutable=1", uri=True)
+    try:
+        count: int = main_file.execute("SELECT count(*) FROM tasks").fetchone()[0]
+    except sqlite3.DatabaseError:
+        return -1
+    finally:
+        main_file.close()
+    return count

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import pytest
 
 from task_orchestrator_mcp.db.engine import Database
+from task_orchestrator_mcp.db.repository import TaskRepository
 from task_orchestrator_mcp.errors import InvalidInput, InvalidTransition, NotLeaseHolder, TaskNotFound
 from task_orchestrator_mcp.models import Priority, TaskStatus
 from task_orchestrator_mcp.service import TaskService
@@ -189,6 +190,31 @@ def test_acquire_recovers_a_lease_the_moment_it_ends_though_checks_are_skipped(
     taken = first.acquire_task(DIR)
     assert taken is not None
     assert (taken.task_id, taken.worker_id, taken.attempts) == (later.task_id, "first", 2)
+
+
+def test_acquire_skips_the_look_only_while_no_lease_can_end(
+    database: Database, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The look for expired leases runs once per window, not per acquire; again once the window is
+    over, and again when the clock goes back before the check it relies on."""
+    looks: list[object] = []
+    original = TaskRepository.earliest_lease_expiry
+
+    def counted(self: TaskRepository) -> object:
+        looks.append(None)
+        return original(self)
+
+    monkeypatch.setattr(TaskRepository, "earliest_lease_expiry", counted)
+    service = TaskService(database, clock=clock, worker_id="w")
+    for _ in range(3):
+        assert service.acquire_task(DIR) is None
+    assert len(looks) == 1
+    clock.advance(1)  # the window (at most MIN_LEASE_SECONDS) is over
+    assert service.acquire_task(DIR) is None
+    assert len(looks) == 2
+    clock.advance(-5)
+    assert service.acquire_task(DIR) is None
+    assert len(looks) == 3
 
 
 def test_service_refuses_a_default_lease_below_the_minimum(database: Database) -> None:
