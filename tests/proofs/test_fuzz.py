@@ -196,7 +196,12 @@ class Strategies:
 
     def _any_json(self) -> st.SearchStrategy[Any]:
         scalars = st.one_of(st.none(), st.booleans(), self._numbers(), self._text())
-        keys = self._small_text()
+        # Object keys never hold lone surrogates: the SDK client cannot serialise such a key on any
+        # transport (pydantic refuses it before the request is sent), so it would test the client.
+        keys = st.one_of(
+            st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=10),
+            st.sampled_from(NASTY[:20]),
+        )
 
         def containers(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
             return st.one_of(st.lists(children, max_size=3), st.dictionaries(keys, children, max_size=3))
