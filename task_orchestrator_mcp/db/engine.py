@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from loguru import logger
 from sqlalchemy import Connection, Engine, create_engine, event
@@ -242,10 +242,7 @@ class _Transaction:
                 # Takes effect at the implicit BEGIN of the first statement; no round trip here.
                 raw.isolation_level = None if self._write else _pg_repeatable_read()
         except BaseException as exc:
-            translated = self._abort(exc)
-            if translated is None:
-                raise
-            raise translated from exc
+            self._fail(exc)
         return DriverConnection(raw, db.engine.dialect)
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, _tb: object) -> None:
@@ -254,10 +251,7 @@ class _Transaction:
             try:
                 self._raw.commit()
             except BaseException as commit_error:
-                translated = self._abort(commit_error)
-                if translated is None:
-                    raise
-                raise translated from commit_error
+                self._fail(commit_error)
             try:
                 if db.checkpointer is not None and self._raw.total_changes != self._changes:
                     db.checkpointer.committed()
@@ -268,6 +262,13 @@ class _Transaction:
         if translated is not None:
             raise translated from exc
         # Returning (falsy) lets ``exc`` itself propagate.
+
+    def _fail(self, exc: BaseException) -> NoReturn:
+        """Abort, then raise ``exc`` (a driver error as its domain error)."""
+        translated = self._abort(exc)
+        if translated is None:
+            raise exc
+        raise translated from exc
 
     def _abort(self, exc: BaseException) -> DatabaseError | None:
         """Roll back and give the connection back; a driver error comes back as the domain error to

@@ -175,31 +175,34 @@ def _claim(row_locks: bool) -> Update:
 _HISTORY_INSERT_COLUMNS = ["task_id", "from_status", "to_status", "worker_id", "at", "details"]
 
 
-def _claim_recorded() -> ClauseElement:
-    """PostgreSQL: the claim and its history row in one statement (one round trip, not two); the
-    history's details are the claim's attempt and lease, read from the claimed row."""
-    claimed = _claim(row_locks=True).cte("claimed")
+def _with_history(change: Update, history_row: Callable[[Any], Sequence[Any]]) -> ClauseElement:
+    """PostgreSQL: ``change`` (an UPDATE ... RETURNING whole tasks) and, for each changed task, the
+    history row ``history_row`` builds from its columns, in one statement (one round trip, not
+    two); the statement returns the changed tasks."""
+    changed = change.cte("changed")
     logged = (
         insert(task_history)
-        .from_select(
-            _HISTORY_INSERT_COLUMNS,
-            select(
-                claimed.c.id,
-                literal_column(f"'{_PENDING}'"),
-                literal_column(f"'{_IN_PROGRESS}'"),
-                claimed.c.worker_id,
-                claimed.c.started_at,
-                func.jsonb_build_object(
-                    literal_column("'attempt'"),
-                    claimed.c.attempts,
-                    literal_column("'lease_seconds'"),
-                    claimed.c.lease_seconds,
-                ),
-            ),
-        )
+        .from_select(_HISTORY_INSERT_COLUMNS, select(*history_row(changed.c)))
         .cte("logged")
     )
-    return select(*claimed.c).add_cte(logged)
+    return select(*changed.c).add_cte(logged)
+
+
+def _claim_recorded() -> ClauseElement:
+    """The claim and its history row; the details are the claim's attempt and lease."""
+    return _with_history(
+        _claim(row_locks=True),
+        lambda c: (
+            c.id,
+            literal_column(f"'{_PENDING}'"),
+            literal_column(f"'{_IN_PROGRESS}'"),
+            c.worker_id,
+            c.started_at,
+            func.jsonb_build_object(
+                literal_column("'attempt'"), c.attempts, literal_column("'lease_seconds'"), c.lease_seconds
+            ),
+        ),
+    )
 
 
 def _update_held(keys: Sequence[str]) -> Update:
@@ -216,24 +219,18 @@ def _update_held(keys: Sequence[str]) -> Update:
 
 
 def _update_held_recorded(keys: Sequence[str]) -> ClauseElement:
-    """PostgreSQL: the guarded update and its history row in one statement."""
-    updated = _update_held(keys).cte("updated")
-    logged = (
-        insert(task_history)
-        .from_select(
-            _HISTORY_INSERT_COLUMNS,
-            select(
-                updated.c.id,
-                literal_column(f"'{_IN_PROGRESS}'"),
-                bindparam("h_to", type_=task_history.c.to_status.type),
-                bindparam("b_worker", type_=task_history.c.worker_id.type),  # the holder, as on SQLite
-                bindparam("h_at", type_=UTCDateTime()),
-                bindparam("h_details", type_=task_history.c.details.type),
-            ),
-        )
-        .cte("logged")
+    """The guarded update and its history row (the holder given, as on SQLite)."""
+    return _with_history(
+        _update_held(keys),
+        lambda c: (
+            c.id,
+            literal_column(f"'{_IN_PROGRESS}'"),
+            bindparam("h_to", type_=task_history.c.to_status.type),
+            bindparam("b_worker", type_=task_history.c.worker_id.type),
+            bindparam("h_at", type_=UTCDateTime()),
+            bindparam("h_details", type_=task_history.c.details.type),
+        ),
     )
-    return select(*updated.c).add_cte(logged)
 
 
 def _expired(row_locks: bool) -> ClauseElement:
