@@ -8,6 +8,7 @@ upgrade a read lock (which fails at once with SQLITE_BUSY instead of waiting for
 
 from __future__ import annotations
 
+import os
 import re
 import sqlite3
 import threading
@@ -23,6 +24,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Dialect, ExceptionContext, make_url
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
 
+from task_orchestrator_mcp.db.write_gate import STARVING_AFTER_MS, WriteGate
 from task_orchestrator_mcp.errors import DatabaseError, DatabaseUnavailable, StorageError
 
 _WRITE = "task_orchestrator_write"
@@ -83,9 +85,16 @@ class Database:
             raise DatabaseError(f"Not a valid database URL: {exc}.") from None
         self.dialect = self.url.get_backend_name()
         self.is_sqlite = self.dialect == "sqlite"
+        self._busy_timeout_ms = busy_timeout_ms
+        # SQLite: bounds how long one writer can lose the lock to the others (see write_gate).
+        self.write_gate: WriteGate | None = None
         driver = self.url.get_driver_name()
         if self.dialect == "sqlite" and driver in ("", "pysqlite"):
             self.engine = _sqlite_engine(self.url, busy_timeout_ms, sqlite_synchronous, pool_size)
+            path = self.url.database or ""
+            on_disk = path not in ("", ":memory:") and not path.startswith("file:")
+            if on_disk and busy_timeout_ms > STARVING_AFTER_MS:
+                self.write_gate = WriteGate.beside(os.path.abspath(path))  # as pysqlite opens it
         elif self.dialect == "postgresql" and driver in ("", "psycopg"):
             # The service speaks psycopg 3 directly; a bare postgresql:// means it too (SQLAlchemy's
             # own default would be psycopg2).
@@ -222,12 +231,13 @@ class _Transaction:
     """The context manager behind :meth:`Database.transaction` (a class: it runs twice per claim, and
     contextlib's generator machinery costs more than SQLite's BEGIN)."""
 
-    __slots__ = ("_changes", "_db", "_fairy", "_generation", "_raw", "_write")
+    __slots__ = ("_changes", "_db", "_fairy", "_gate_closed", "_generation", "_raw", "_write")
 
     def __init__(self, database: Database, write: bool) -> None:
         self._db = database
         self._write = write
         self._changes = 0
+        self._gate_closed: int | None = None
 
     def __enter__(self) -> DriverConnection:
         db = self._db
@@ -236,7 +246,17 @@ class _Transaction:
         self._raw = raw
         try:
             if db.is_sqlite:
-                raw.execute("BEGIN IMMEDIATE" if self._write else "BEGIN")
+                gate = db.write_gate
+                if gate is None:
+                    raw.execute("BEGIN IMMEDIATE" if self._write else "BEGIN")
+                else:
+                    # Writes wait in the busy handler only briefly, then at the gate; reads as long
+                    # as the busy timeout allows.
+                    _busy_timeout(self._fairy, raw, STARVING_AFTER_MS if self._write else db._busy_timeout_ms)
+                    if self._write:
+                        self._gate_closed = gate.begin(raw, db._busy_timeout_ms / 1000)
+                    else:
+                        raw.execute("BEGIN")
                 self._changes = raw.total_changes  # a write that changed nothing needs no checkpoint
             else:
                 # Takes effect at the implicit BEGIN of the first statement; no round trip here.
@@ -253,6 +273,7 @@ class _Transaction:
             except BaseException as commit_error:
                 self._fail(commit_error)
             try:
+                self._open_gate()
                 if db.checkpointer is not None and self._raw.total_changes != self._changes:
                     db.checkpointer.committed()
             finally:  # committed: the connection goes back even if an interrupt lands here
@@ -274,13 +295,23 @@ class _Transaction:
         """Roll back and give the connection back; a driver error comes back as the domain error to
         raise instead (translated first: a lost connection must be dropped, not pooled)."""
         db = self._db
-        _rollback_quietly(self._raw)
+        try:
+            _rollback_quietly(self._raw)
+        finally:
+            self._open_gate()
         try:
             if isinstance(exc, db._driver_error):
                 return db._translate_driver_error(exc, self._fairy)
             return None
         finally:
             db._checkin(self._generation, self._fairy, self._write)
+
+    def _open_gate(self) -> None:
+        closed = self._gate_closed
+        if closed is not None:
+            self._gate_closed = None
+            assert self._db.write_gate is not None  # only a gate closes
+            self._db.write_gate.end(closed)
 
 
 class _Checkpointer:
@@ -367,6 +398,17 @@ def _close_quietly(conn: PoolProxiedConnection | None) -> None:
             logger.debug("close failed: {}", exc)
 
 
+_BUSY_TIMEOUT_KEY = "task_orchestrator_busy_timeout_ms"
+
+
+def _busy_timeout(fairy: PoolProxiedConnection, raw: Any, ms: int) -> None:
+    """Set the connection's busy timeout, if it is not already ``ms`` (a statement, if so)."""
+    info = fairy.info
+    if info.get(_BUSY_TIMEOUT_KEY) != ms:
+        raw.execute(f"PRAGMA busy_timeout = {int(ms)}")
+        info[_BUSY_TIMEOUT_KEY] = ms
+
+
 def _rollback_quietly(raw: Any) -> None:
     # The error that got us here is the one to report; a failing rollback (lost connection) is not.
     try:
@@ -410,10 +452,11 @@ def _sqlite_engine(url: URL, busy_timeout_ms: int, synchronous: str, pool_size: 
     )
 
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: sqlite3.Connection, _record: ConnectionPoolEntry) -> None:
+    def _on_connect(dbapi_conn: sqlite3.Connection, record: ConnectionPoolEntry) -> None:
         dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (see module docstring)
         cur = dbapi_conn.cursor()
         cur.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        record.info[_BUSY_TIMEOUT_KEY] = busy_timeout_ms
         # WAL lets readers run beside the one writer; the mode is stored in the file.
         mode = cur.execute("PRAGMA journal_mode").fetchone()[0]
         if mode.lower() != "wal":
@@ -429,7 +472,10 @@ def _sqlite_engine(url: URL, busy_timeout_ms: int, synchronous: str, pool_size: 
         # SQLAlchemy-side transactions (migrations, tests). Straight to the driver, with SQLAlchemy's
         # error wrapping kept by hand, so a lock timeout still reaches translate_errors as a DBAPIError.
         try:
-            conn.connection.dbapi_connection.execute(statement)  # type: ignore[union-attr]
+            fairy = conn.connection
+            raw = fairy.dbapi_connection
+            _busy_timeout(fairy, raw, busy_timeout_ms)  # the service's writes may have shortened it
+            raw.execute(statement)  # type: ignore[union-attr]
         except sqlite3.Error as exc:
             raise sa_exc.DBAPIError.instance(statement, None, exc, sqlite3.Error) from exc
 
