@@ -119,7 +119,7 @@ class Database:
         # SQLite transaction, and on PostgreSQL its pre-ping is one more round trip per transaction.
         # At most the pool's resting size; past it, connections go back to SQLAlchemy's pool, where
         # a caller waiting for one gets it.
-        self._idle: list[tuple[int, PoolProxiedConnection, float]] = []
+        self._idle: list[_Pooled] = []
         self._keep_idle = pool_size
         self._generation = 0
         self._closed = False
@@ -133,43 +133,56 @@ class Database:
         Use as ``with database.transaction(write=True) as conn:``."""
         return _Transaction(self, write)
 
-    def _checkout(self) -> tuple[int, PoolProxiedConnection]:
-        now = time.monotonic()
-        while self._idle:
+    def _checkout(self) -> _Pooled:
+        idle = self._idle
+        if self.is_sqlite:
             try:
-                generation, fairy, used = self._idle.pop()  # atomic under the GIL: no lock needed
+                return idle.pop()  # atomic under the GIL: no lock needed
             except IndexError:
-                break
-            if self.is_sqlite or now - used < _PG_TRUST_SECONDS:
-                return generation, fairy
-            fairy.close()  # idle a while: back to the pool, which pings it before handing it out again
+                pass
+        else:
+            now = time.monotonic()
+            while idle:
+                try:
+                    pooled = idle.pop()
+                except IndexError:
+                    break
+                if now - pooled.used < _PG_TRUST_SECONDS:
+                    return pooled
+                pooled.fairy.close()  # idle a while: back to the pool, which pings it before reuse
         generation = self._generation
         # The pool pings PostgreSQL connections here (pool_pre_ping) and reconnects if one is stale.
         try:
             with translate_errors():  # what SQLAlchemy's pool raises itself (a timeout, when exhausted)
-                return generation, self.engine.raw_connection()
+                return _Pooled(generation, self.engine.raw_connection(), self.engine.dialect)
         except self._driver_error as exc:  # a connect or ping error, straight from the driver
             raise self._translate_driver_error(exc, None) from exc
 
-    def _checkin(self, generation: int, fairy: PoolProxiedConnection, write: bool) -> None:
+    def _checkin(self, pooled: _Pooled, write: bool) -> None:
+        fairy = pooled.fairy
         if not fairy.is_valid:
             fairy.close()
             return
-        raw: Any = fairy.driver_connection
-        if generation != self._generation or self._closed or _in_transaction(raw, self.is_sqlite):
+        raw = pooled.raw
+        if pooled.generation != self._generation or self._closed or _in_transaction(raw, self.is_sqlite):
             # Opened before the pool was recycled, or the database is closed, or a rollback failed.
             fairy.invalidate()
             return
-        if not self.is_sqlite and not write:
-            _reset_isolation(raw)
-        pool = self.engine.pool
-        if len(self._idle) >= self._keep_idle or (
-            isinstance(pool, QueuePool) and pool.checkedout() > pool.size()
-        ):
-            # Past the pool's resting size (so callers may be waiting in the pool): give it back.
+        if not self.is_sqlite:
+            if not write:
+                _reset_isolation(raw)
+            pooled.used = time.monotonic()
+        if len(self._idle) >= self._keep_idle or self._callers_may_wait_in_pool():
             fairy.close()
             return
-        self._idle.append((generation, fairy, time.monotonic()))
+        self._idle.append(pooled)
+
+    def _callers_may_wait_in_pool(self) -> bool:
+        """More connections out than the pool's resting size: give this one back to the pool."""
+        pool = self.engine.pool
+        # checkedout() > size() comes down to overflow() > qsize(), so overflow() <= 0 settles it
+        # without qsize()'s lock.
+        return isinstance(pool, QueuePool) and pool.overflow() > 0 and pool.checkedout() > pool.size()
 
     @property
     def has_idle_connection(self) -> bool:
@@ -182,10 +195,10 @@ class Database:
         self.engine.pool._invalidate(fairy, exc)
         while self._idle:
             try:
-                idle = self._idle.pop()[1]
+                idle = self._idle.pop()
             except IndexError:
                 break
-            idle.invalidate()
+            idle.fairy.invalidate()
 
     @property
     def _driver_error(self) -> type[Exception]:
@@ -223,15 +236,30 @@ class Database:
         if self.checkpointer is not None:
             self.checkpointer.stop()
         while self._idle:
-            self._idle.pop()[1].close()
+            self._idle.pop().fairy.close()
         self.engine.dispose()
+
+
+class _Pooled:
+    """A driver connection the service's transactions use, with what they keep of it between
+    transactions (made once per connection, not per transaction)."""
+
+    __slots__ = ("conn", "fairy", "generation", "info", "raw", "used")
+
+    def __init__(self, generation: int, fairy: PoolProxiedConnection, dialect: Dialect) -> None:
+        self.generation = generation  # the pool generation it was opened in
+        self.fairy = fairy
+        self.raw: Any = fairy.driver_connection
+        self.conn = DriverConnection(self.raw, dialect)
+        self.info = fairy.info  # the pool's per-connection dict, which SQLAlchemy's events see too
+        self.used = 0.0  # PostgreSQL: when it was last given back
 
 
 class _Transaction:
     """The context manager behind :meth:`Database.transaction` (a class: it runs twice per claim, and
     contextlib's generator machinery costs more than SQLite's BEGIN)."""
 
-    __slots__ = ("_changes", "_db", "_fairy", "_gate_closed", "_generation", "_raw", "_write")
+    __slots__ = ("_changes", "_db", "_gate_closed", "_pooled", "_raw", "_write")
 
     def __init__(self, database: Database, write: bool) -> None:
         self._db = database
@@ -241,9 +269,8 @@ class _Transaction:
 
     def __enter__(self) -> DriverConnection:
         db = self._db
-        self._generation, self._fairy = db._checkout()
-        raw: Any = self._fairy.driver_connection
-        self._raw = raw
+        pooled = self._pooled = db._checkout()
+        raw = self._raw = pooled.raw
         try:
             if db.is_sqlite:
                 gate = db.write_gate
@@ -252,7 +279,7 @@ class _Transaction:
                 else:
                     # Writes wait in the busy handler only briefly, then at the gate; reads as long
                     # as the busy timeout allows.
-                    _busy_timeout(self._fairy, raw, STARVING_AFTER_MS if self._write else db._busy_timeout_ms)
+                    _busy_timeout(pooled.info, raw, STARVING_AFTER_MS if self._write else db._busy_timeout_ms)
                     if self._write:
                         self._gate_closed = gate.begin(raw, db._busy_timeout_ms / 1000)
                     else:
@@ -263,7 +290,7 @@ class _Transaction:
                 raw.isolation_level = None if self._write else _pg_repeatable_read()
         except BaseException as exc:
             self._fail(exc)
-        return DriverConnection(raw, db.engine.dialect)
+        return pooled.conn
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, _tb: object) -> None:
         if exc is None:
@@ -277,7 +304,7 @@ class _Transaction:
                 if db.checkpointer is not None and self._raw.total_changes != self._changes:
                     db.checkpointer.committed()
             finally:  # committed: the connection goes back even if an interrupt lands here
-                db._checkin(self._generation, self._fairy, self._write)
+                db._checkin(self._pooled, self._write)
             return
         translated = self._abort(exc)
         if translated is not None:
@@ -301,10 +328,10 @@ class _Transaction:
             self._open_gate()
         try:
             if isinstance(exc, db._driver_error):
-                return db._translate_driver_error(exc, self._fairy)
+                return db._translate_driver_error(exc, self._pooled.fairy)
             return None
         finally:
-            db._checkin(self._generation, self._fairy, self._write)
+            db._checkin(self._pooled, self._write)
 
     def _open_gate(self) -> None:
         closed = self._gate_closed
@@ -401,9 +428,9 @@ def _close_quietly(conn: PoolProxiedConnection | None) -> None:
 _BUSY_TIMEOUT_KEY = "task_orchestrator_busy_timeout_ms"
 
 
-def _busy_timeout(fairy: PoolProxiedConnection, raw: Any, ms: int) -> None:
-    """Set the connection's busy timeout, if it is not already ``ms`` (a statement, if so)."""
-    info = fairy.info
+def _busy_timeout(info: dict[Any, Any], raw: Any, ms: int) -> None:
+    """Set the connection's busy timeout, if it is not already ``ms`` (a statement, if so); ``info``
+    is the pool's dict of that connection, where the current value is noted."""
     if info.get(_BUSY_TIMEOUT_KEY) != ms:
         raw.execute(f"PRAGMA busy_timeout = {int(ms)}")
         info[_BUSY_TIMEOUT_KEY] = ms
@@ -474,7 +501,7 @@ def _sqlite_engine(url: URL, busy_timeout_ms: int, synchronous: str, pool_size: 
         try:
             fairy = conn.connection
             raw = fairy.dbapi_connection
-            _busy_timeout(fairy, raw, busy_timeout_ms)  # the service's writes may have shortened it
+            _busy_timeout(fairy.info, raw, busy_timeout_ms)  # the service's writes may have shortened it
             raw.execute(statement)  # type: ignore[union-attr]
         except sqlite3.Error as exc:
             raise sa_exc.DBAPIError.instance(statement, None, exc, sqlite3.Error) from exc

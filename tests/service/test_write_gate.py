@@ -182,7 +182,7 @@ def test_reads_and_sqlalchemy_transactions_keep_the_full_busy_timeout(db_path: P
             assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == STARVING_AFTER_MS
         # Hand the (shortened) connection back to SQLAlchemy's pool, which holds one: the next
         # SQLAlchemy transactions get that very connection.
-        db._idle.pop()[1].close()
+        db._idle.pop().fairy.close()
         with db.write() as sa_conn:
             assert sa_conn.execute(text("PRAGMA busy_timeout")).scalar_one() == 12_345
         with db.read() as sa_conn:
