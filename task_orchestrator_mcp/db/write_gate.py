@@ -44,7 +44,8 @@ class WriteGate:
 
     def __init__(self, lock_path: str) -> None:
         self._path = lock_path
-        self._fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        # Read-only is enough for flock, so a lock file another user created serves too.
+        self._fd = os.open(lock_path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
         # Closed when nothing can use it any more: a writer still under way after dispose() may.
         weakref.finalize(self, os.close, self._fd)
         # One starving writer per process closes the gate; the others of the process wait for it. (A
@@ -100,7 +101,7 @@ class WriteGate:
             raise _locked()
         fd: int | None = None
         try:
-            fd = os.open(self._path, os.O_RDWR | os.O_CLOEXEC)
+            fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
             while True:  # another process's starving writer may have the gate closed: its turn first
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
