@@ -33,9 +33,11 @@ from loguru import logger
 
 # A write that has waited this long for SQLite's lock stops relying on the busy handler's sleeps.
 STARVING_AFTER_MS = 100
-# How often a writer held at the gate, or a starving one, looks again: the wait is for at most a
-# few transactions of a fraction of a millisecond each.
-_POLL_SECONDS = 0.0002
+# How often a writer held at the gate, or a starving one, looks again: first soon (the wait is
+# usually for a transaction or two, a fraction of a millisecond each), then less often (something
+# else may hold SQLite's lock for long, and many processes may be waiting).
+_FIRST_POLL_SECONDS = 0.0002
+_MAX_POLL_SECONDS = 0.005
 _SQLITE_BUSY = 5
 
 
@@ -87,11 +89,12 @@ class WriteGate:
                 self._closing.release()
 
     def _wait_open(self, deadline: float) -> None:
+        pause = _FIRST_POLL_SECONDS
         while True:
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                _pause(deadline)
+                pause = _pause(deadline, pause)
                 continue
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             return
@@ -102,17 +105,19 @@ class WriteGate:
         fd: int | None = None
         try:
             fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+            pause = _FIRST_POLL_SECONDS
             while True:  # another process's starving writer may have the gate closed: its turn first
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
-                    _pause(deadline)
+                    pause = _pause(deadline, pause)
             self.closings += 1
             # Only writers already past the gate are ahead now, each about to finish: look often, not
             # at the busy handler's intervals (up to 100 ms, while every other writer waits too).
             raw.execute("PRAGMA busy_timeout = 0")
             try:
+                pause = _FIRST_POLL_SECONDS
                 while True:
                     try:
                         raw.execute("BEGIN IMMEDIATE")
@@ -120,7 +125,7 @@ class WriteGate:
                     except sqlite3.OperationalError as exc:
                         if exc.sqlite_errorcode & 0xFF != _SQLITE_BUSY:
                             raise
-                    _pause(deadline)
+                    pause = _pause(deadline, pause)
             finally:
                 raw.execute(f"PRAGMA busy_timeout = {STARVING_AFTER_MS}")
         except BaseException:
@@ -130,11 +135,13 @@ class WriteGate:
             raise
 
 
-def _pause(deadline: float) -> None:
-    """Sleep a little before looking again; SQLite's locked error once past the deadline."""
-    if time.monotonic() + _POLL_SECONDS > deadline:
+def _pause(deadline: float, seconds: float) -> float:
+    """Sleep ``seconds`` before looking again, and return the next pause; SQLite's locked error
+    once that would pass the deadline."""
+    if time.monotonic() + seconds > deadline:
         raise _locked()
-    time.sleep(_POLL_SECONDS)
+    time.sleep(seconds)
+    return min(seconds * 2, _MAX_POLL_SECONDS)
 
 
 def _locked() -> sqlite3.OperationalError:

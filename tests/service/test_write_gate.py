@@ -139,6 +139,27 @@ def test_a_writer_never_waits_at_the_gate_past_its_busy_timeout(db_path: Path) -
         assert TaskService(db).list_tasks().tasks == []
 
 
+def test_a_starving_writer_gives_up_at_its_busy_timeout_and_opens_the_gate(db_path: Path) -> None:
+    """Something else (a ``sqlite3`` shell left in BEGIN, say) holds the write lock throughout: the
+    writer closes the gate, fails at its busy timeout having changed nothing, and the gate opens."""
+    other = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        with _database(db_path, busy_timeout_ms=3 * STARVING_AFTER_MS) as db:
+            other.execute("BEGIN IMMEDIATE")
+            with pytest.raises(DatabaseUnavailable, match="locked past the busy timeout"):
+                TaskService(db).create_task("/repo", "x")
+            assert db.write_gate is not None
+            assert db.write_gate.closings == 1
+            with _gate_closed(db_path):  # open again
+                pass
+            assert not db.write_gate._closing.locked()  # and this process can close it again
+            other.execute("COMMIT")
+            TaskService(db).create_task("/repo", "once the lock is free")
+    finally:
+        other.close()
+    assert _task_count(db_path) == 1
+
+
 def test_a_process_that_dies_with_the_gate_closed_opens_it(db_path: Path) -> None:
     holder = subprocess.Popen(
         [
