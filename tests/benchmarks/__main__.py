@@ -106,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
                         print("no PostgreSQL URL: skipping the PostgreSQL runs", file=sys.stderr)
                     results += claims.run(ws, **kwargs)
             elif part == "scale":
-                found, plans = scale.run(ws, sizes=sizes, calls=200 if quick else 500)
+                found, plans = scale.run(
+                    ws, sizes=sizes, calls=200 if quick else 500, rounds=1 if quick else 3
+                )
                 results += found
             elif part == "memory":
                 results += asyncio.run(memory.run(ws, calls=2000 if quick else 10_000))
