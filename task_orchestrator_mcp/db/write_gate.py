@@ -6,12 +6,14 @@ while the others sleep, so one that lost a few times keeps losing: with 2 to 16 
 without pause, the median claim waited 0.3 ms and the slowest 2-3 s.
 
 Strict turns (an exclusive lock taken around every write) end that, but hand the lock from process to
-process on every transaction, which cost 10-30% of the throughput here. So the busy handler keeps
-doing the work, within a short budget (:data:`STARVING_AFTER_MS`), and only a writer that used it up
-takes turns: it closes a gate (an exclusive ``flock`` on ``<database>-lock``), which every writer of
-this server checks (a shared ``flock`` tried and dropped, two system calls) before it begins. Writers
-that find the gate closed wait until it opens; the starving writer meets only those already past it,
-each at most one transaction away from done, and it keeps the gate closed until it commits.
+process on every transaction, which cost 10-30% of the throughput here (README, Benchmarks). So the
+busy handler keeps doing the work, within a budget (:data:`STARVING_AFTER_MS`), and only a writer
+that used it up takes turns: it closes a gate (an exclusive ``flock`` on ``<database>-lock``), which
+every writer of this server checks (a shared ``flock`` tried and dropped, two system calls) before it
+begins. Writers that find the gate closed wait until it opens; the starving writer meets only those
+already past it, each at most one transaction away from done, and it keeps the gate closed until it
+commits. The slowest write then waits about the budget, not seconds; the price is that a writer that
+loses waits the whole budget, which is p99 under heavy contention.
 
 The gate is advisory: only this server's transactions check it. Anything else that writes (the
 ``sqlite3`` shell, migrations) meets SQLite's lock and busy handler as before. A process that dies
