@@ -18,20 +18,24 @@ loses waits the whole budget, which is p99 under heavy contention.
 The gate is advisory: only this server's transactions check it. Anything else that writes (the
 ``sqlite3`` shell, migrations) meets SQLite's lock and busy handler as before. A process that dies
 with the gate closed opens it by dying (the kernel drops its flock). Every wait here ends at the
-caller's deadline (the busy timeout), as SQLite's would have.
+caller's deadline (the busy timeout), as SQLite's would have. Windows has no ``flock``: there is no
+gate there.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import sqlite3
+import sys
 import threading
 import time
 import weakref
 from typing import Any
 
 from loguru import logger
+
+if sys.platform != "win32":  # Windows has no flock: there, writers rely on SQLite's busy handler alone
+    import fcntl
 
 # A write that has waited this long for SQLite's lock stops relying on the busy handler's sleeps.
 STARVING_AFTER_MS = 100
@@ -60,7 +64,10 @@ class WriteGate:
     @classmethod
     def beside(cls, database_path: str) -> WriteGate | None:
         """The gate of the database file at ``database_path``; None if its lock file cannot be opened
-        (a read-only directory, say), in which case writers rely on SQLite's busy handler alone."""
+        (a read-only directory, say) or the platform has no flock (Windows), in which case writers
+        rely on SQLite's busy handler alone."""
+        if sys.platform == "win32":
+            return None
         try:
             return cls(database_path + "-lock")
         except OSError as exc:

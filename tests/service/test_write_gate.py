@@ -213,3 +213,14 @@ def test_reads_and_sqlalchemy_transactions_keep_the_full_busy_timeout(db_path: P
 def test_a_busy_timeout_shorter_than_the_budget_means_no_gate(tmp_path: Path) -> None:
     with _database(tmp_path / "t.db", busy_timeout_ms=STARVING_AFTER_MS) as db:
         assert db.write_gate is None
+
+
+def test_without_flock_windows_there_is_no_gate_and_writes_still_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "platform", "win32")
+    with _database(tmp_path / "t.db") as db:
+        assert db.write_gate is None
+        ensure_schema(db)
+        TaskService(db).create_task("/repo", "x")
+    assert not (tmp_path / "t.db-lock").exists()
