@@ -64,12 +64,18 @@ class WriteGate:
     @classmethod
     def beside(cls, database_path: str) -> WriteGate | None:
         """The gate of the database file at ``database_path``; None if its lock file cannot be opened
-        (a read-only directory, say) or the platform has no flock (Windows), in which case writers
-        rely on SQLite's busy handler alone."""
+        (a read-only directory, say) or takes no flock (Windows; some network file systems), in which
+        case writers rely on SQLite's busy handler alone."""
         if sys.platform == "win32":
             return None
         try:
-            return cls(database_path + "-lock")
+            gate = cls(database_path + "-lock")
+            try:  # a file system without flock refuses it here, not in the middle of a write
+                fcntl.flock(gate._fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                fcntl.flock(gate._fd, fcntl.LOCK_UN)
+            except BlockingIOError:
+                pass  # a starving writer has it closed right now: flock works
+            return gate
         except OSError as exc:
             logger.debug("no write gate for {}: {}", database_path, exc)
             return None

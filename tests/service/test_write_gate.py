@@ -4,6 +4,7 @@ it; SQLAlchemy's transactions and the service's reads keep the full busy timeout
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import sqlite3
@@ -224,3 +225,16 @@ def test_without_flock_windows_there_is_no_gate_and_writes_still_work(
         ensure_schema(db)
         TaskService(db).create_task("/repo", "x")
     assert not (tmp_path / "t.db-lock").exists()
+
+
+def test_a_file_system_that_refuses_flock_means_no_gate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(_fd: int, _operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    with _database(tmp_path / "t.db") as db:
+        assert db.write_gate is None
+        ensure_schema(db)
+        TaskService(db).create_task("/repo", "x")
