@@ -11,8 +11,9 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import pytest
@@ -55,9 +56,31 @@ def _gate_closed(path: Path) -> Iterator[None]:
 
 
 def _task_count(path: Path) -> int:
-    with sqlite3.connect(path) as conn:
+    with closing(sqlite3.connect(path)) as conn:
         count: int = conn.execute("SELECT count(*) FROM tasks").fetchone()[0]
     return count
+
+
+def _when_the_gate_closes(path: Path, then: threading.Event) -> threading.Thread:
+    """A thread that sets ``then`` once someone has closed the gate (within 30 s)."""
+
+    def watch() -> None:
+        fd = os.open(f"{path}-lock", os.O_RDONLY)
+        try:
+            for _ in range(6000):
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    break
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                time.sleep(0.005)
+        finally:
+            os.close(fd)
+            then.set()
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    return watcher
 
 
 def test_the_gate_file_lies_beside_the_database(db_path: Path) -> None:
@@ -70,24 +93,22 @@ def test_the_gate_file_lies_beside_the_database(db_path: Path) -> None:
 def test_a_writer_kept_from_the_lock_past_the_budget_closes_the_gate_and_gets_its_turn(
     db_path: Path,
 ) -> None:
-    """Another connection holds the write lock 3x the budget: the service's write gives up on the
-    busy handler, closes the gate, and commits once the lock is free; then the gate is open again."""
+    """Another connection holds the write lock until the service's write has given up on the busy
+    handler and closed the gate; the write then commits, and the gate is open again."""
     holding = threading.Event()
     release = threading.Event()
 
     def hold_lock() -> None:
-        conn = sqlite3.connect(db_path, isolation_level=None)
-        conn.execute("BEGIN IMMEDIATE")
-        holding.set()
-        release.wait(timeout=30)
-        conn.execute("COMMIT")
-        conn.close()
+        with closing(sqlite3.connect(db_path, isolation_level=None)) as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            holding.set()
+            release.wait(timeout=30)
+            conn.execute("COMMIT")
 
     holder = threading.Thread(target=hold_lock)
     holder.start()
     holding.wait(timeout=30)
-    timer = threading.Timer(3 * STARVING_AFTER_MS / 1000, release.set)
-    timer.start()
+    watcher = _when_the_gate_closes(db_path, then=release)
     try:
         with _database(db_path) as db:
             task = TaskService(db).create_task("/repo", "made while another held the lock")
@@ -97,9 +118,9 @@ def test_a_writer_kept_from_the_lock_past_the_budget_closes_the_gate_and_gets_it
                 pass
     finally:
         release.set()
-        timer.cancel()
         holder.join()
-    with sqlite3.connect(db_path) as conn:
+        watcher.join()
+    with closing(sqlite3.connect(db_path)) as conn:
         assert conn.execute("SELECT prompt FROM tasks WHERE id = ?", (task.task_id,)).fetchone() == (
             "made while another held the lock",
         )
