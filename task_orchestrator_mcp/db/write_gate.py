@@ -87,12 +87,8 @@ class WriteGate:
         is locked" error when the deadline passes."""
         deadline = time.monotonic() + timeout
         self._wait_open(deadline)
-        try:
-            raw.execute("BEGIN IMMEDIATE")
+        if _began(raw):
             return None
-        except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode & 0xFF != _SQLITE_BUSY:
-                raise
         return self._begin_starving(raw, deadline)
 
     def end(self, closed: int | None) -> None:
@@ -133,14 +129,9 @@ class WriteGate:
             raw.execute("PRAGMA busy_timeout = 0")
             try:
                 pause = _FIRST_POLL_SECONDS
-                while True:
-                    try:
-                        raw.execute("BEGIN IMMEDIATE")
-                        return fd
-                    except sqlite3.OperationalError as exc:
-                        if exc.sqlite_errorcode & 0xFF != _SQLITE_BUSY:
-                            raise
+                while not _began(raw):
                     pause = _pause(deadline, pause)
+                return fd
             finally:
                 raw.execute(f"PRAGMA busy_timeout = {STARVING_AFTER_MS}")
         except BaseException:
@@ -148,6 +139,17 @@ class WriteGate:
                 os.close(fd)
             self._closing.release()
             raise
+
+
+def _began(raw: Any) -> bool:
+    """``BEGIN IMMEDIATE``: True if it began, False if SQLite's lock stayed busy (its busy timeout)."""
+    try:
+        raw.execute("BEGIN IMMEDIATE")
+        return True
+    except sqlite3.OperationalError as exc:
+        if exc.sqlite_errorcode & 0xFF != _SQLITE_BUSY:
+            raise
+        return False
 
 
 def _pause(deadline: float, seconds: float) -> float:
