@@ -352,6 +352,8 @@ class TaskService:
 
     def _now(self) -> datetime:
         now = self._clock()
+        if now.tzinfo is UTC:
+            return now
         if now.tzinfo is None:
             raise ValueError("the clock must return timezone-aware datetimes")
         return now.astimezone(UTC)

@@ -118,8 +118,10 @@ class _Prepared:
             )
         return cls(compiled.string, layout, fixed)
 
-    def params(self, given: Mapping[str, Any]) -> tuple[Any, ...] | dict[str, Any]:
-        values = {**self.fixed, **given} if self.fixed else dict(given)
+    def params(self, given: dict[str, Any]) -> tuple[Any, ...] | dict[str, Any]:
+        """The driver's parameters from the statement's own literals and ``given`` (built per call,
+        so it is passed on, not copied)."""
+        values = {**self.fixed, **given} if self.fixed else given
         return values if self.layout is None else self.layout(values)
 
 
@@ -339,9 +341,12 @@ class _Codec:
         last = self._last_time
         if last[0] is value:
             return last[1]
-        if value.tzinfo is None:
+        if value.tzinfo is UTC:  # the service's own clock: drop the "+00:00" instead of converting
+            text = value.isoformat(" ", "microseconds")[:-6]
+        elif value.tzinfo is None:
             raise ValueError("naive datetime given to a UTC column")
-        text = value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+        else:
+            text = value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
         self._last_time = (value, text)
         return text
 
@@ -377,6 +382,20 @@ def _codec(dialect: Dialect) -> _Codec:
     return codec
 
 
+# A process has one dialect: the last one's codec and statements, kept here, spare each repository
+# two weak-keyed lookups (which cost more than the rest of making it).
+_last_dialect: list[tuple[Dialect, _Codec, dict[Hashable, _Prepared]]] = []
+
+
+def _of_dialect(dialect: Dialect) -> tuple[_Codec, dict[Hashable, _Prepared]]:
+    for known, codec, statements in _last_dialect:
+        if known is dialect:
+            return codec, statements
+    codec, statements = _codec(dialect), _statements(dialect)
+    _last_dialect[:] = [(dialect, codec, statements)]
+    return codec, statements
+
+
 # -- the repository --------------------------------------------------------------------------------
 
 
@@ -385,9 +404,8 @@ class TaskRepository:
 
     def __init__(self, conn: DriverConnection) -> None:
         self._conn = conn
-        self._dialect = conn.dialect
-        self._codec = _codec(conn.dialect)
-        self._statements = _statements(conn.dialect)
+        self._dialect = dialect = conn.dialect
+        self._codec, self._statements = _of_dialect(dialect)
         self._row_locks = not conn.is_sqlite
         # PostgreSQL runs data-modifying WITH clauses: a change and its history row in one round trip.
         self._dml_in_with = not conn.is_sqlite
@@ -396,7 +414,7 @@ class TaskRepository:
         self,
         key: Hashable,
         build: Callable[[], ClauseElement],
-        given: Mapping[str, Any],
+        given: dict[str, Any],
         column_keys: Sequence[str] = (),
     ) -> Any:
         prepared = self._statements.get(key) or _prepared(self._dialect, key, build, column_keys)

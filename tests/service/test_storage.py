@@ -4,7 +4,7 @@ model test's checker) reads, and the other way round, on both engines."""
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 from sqlalchemy import select, text, update
 
@@ -74,3 +74,22 @@ def test_rows_written_through_sqlalchemy_are_claimed_and_expire_by_time(
     assert isinstance(again.created_at, datetime)
     assert again.created_at.tzinfo is not None
     assert again.created_at.astimezone(UTC) == made.created_at
+
+
+def test_a_clock_in_another_time_zone_stores_the_same_instants(database: Database) -> None:
+    """The service stores UTC whatever zone its clock reports in: a task made at 12:00+02:00 and one
+    made at 10:30 UTC come back in that order, at those instants, in UTC."""
+    plus_two = timezone(timedelta(hours=2))
+    first = TaskService(database, clock=lambda: datetime(2026, 1, 1, 12, 0, tzinfo=plus_two))
+    second = TaskService(database, clock=lambda: datetime(2026, 1, 1, 10, 30, tzinfo=UTC))
+    early = first.create_task(DIR, "made at 10:00 UTC")
+    late = second.create_task(DIR, "made at 10:30 UTC")
+    assert early.created_at == datetime(2026, 1, 1, 10, 0, tzinfo=UTC)
+    assert early.created_at.utcoffset() == timedelta(0)
+    page = first.list_tasks(DIR)
+    assert [t.task_id for t in page.tasks] == [early.task_id, late.task_id]
+    claimed = second.acquire_task(DIR, worker_id="w")
+    assert claimed is not None
+    assert claimed.task_id == early.task_id
+    assert claimed.started_at == datetime(2026, 1, 1, 10, 30, tzinfo=UTC)
+    assert first.get_task(early.task_id).created_at == datetime(2026, 1, 1, 10, 0, tzinfo=UTC)
