@@ -125,27 +125,6 @@ class _Prepared:
         return values if self.layout is None else self.layout(values)
 
 
-_PREPARED: weakref.WeakKeyDictionary[Dialect, dict[Hashable, _Prepared]] = weakref.WeakKeyDictionary()
-
-
-def _statements(dialect: Dialect) -> dict[Hashable, _Prepared]:
-    """The compiled statements of one dialect (filled as they are first used)."""
-    cache = _PREPARED.get(dialect)
-    if cache is None:
-        cache = _PREPARED.setdefault(dialect, {})
-    return cache
-
-
-def _prepared(
-    dialect: Dialect, key: Hashable, build: Callable[[], ClauseElement], column_keys: Sequence[str] = ()
-) -> _Prepared:
-    cache = _statements(dialect)
-    found = cache.get(key)
-    if found is None:
-        found = cache[key] = _Prepared.compile(build(), dialect, column_keys)
-    return found
-
-
 def _candidate(row_locks: bool) -> Any:
     stmt = (
         select(tasks.c.id)
@@ -372,28 +351,25 @@ class _Codec:
         return out
 
 
-_CODECS: weakref.WeakKeyDictionary[Dialect, _Codec] = weakref.WeakKeyDictionary()
-
-
-def _codec(dialect: Dialect) -> _Codec:
-    codec = _CODECS.get(dialect)
-    if codec is None:
-        codec = _CODECS[dialect] = _Codec(dialect)
-    return codec
-
-
-# A process has one dialect: the last one's codec and statements, kept here, spare each repository
-# two weak-keyed lookups (which cost more than the rest of making it).
-_last_dialect: list[tuple[Dialect, _Codec, dict[Hashable, _Prepared]]] = []
+# Per dialect: its codec, and its statements compiled as they are first used. Weak keys, so an engine
+# that is disposed of takes its dialect along.
+_DIALECTS: weakref.WeakKeyDictionary[Dialect, tuple[_Codec, dict[Hashable, _Prepared]]] = (
+    weakref.WeakKeyDictionary()
+)
+# A process has one dialect: the last one seen is kept here too, which spares each repository the
+# weak-keyed lookup (it costs more than the rest of making a repository).
+_last_dialect: list[tuple[Dialect, tuple[_Codec, dict[Hashable, _Prepared]]]] = []
 
 
 def _of_dialect(dialect: Dialect) -> tuple[_Codec, dict[Hashable, _Prepared]]:
-    for known, codec, statements in _last_dialect:
+    for known, state in _last_dialect:
         if known is dialect:
-            return codec, statements
-    codec, statements = _codec(dialect), _statements(dialect)
-    _last_dialect[:] = [(dialect, codec, statements)]
-    return codec, statements
+            return state
+    found = _DIALECTS.get(dialect)
+    if found is None:
+        found = _DIALECTS.setdefault(dialect, (_Codec(dialect), {}))
+    _last_dialect[:] = [(dialect, found)]
+    return found
 
 
 # -- the repository --------------------------------------------------------------------------------
@@ -417,8 +393,17 @@ class TaskRepository:
         given: dict[str, Any],
         column_keys: Sequence[str] = (),
     ) -> Any:
-        prepared = self._statements.get(key) or _prepared(self._dialect, key, build, column_keys)
+        prepared = self._statement(key, build, column_keys)
         return self._conn.execute(prepared.sql, prepared.params(given))
+
+    def _statement(
+        self, key: Hashable, build: Callable[[], ClauseElement], column_keys: Sequence[str] = ()
+    ) -> _Prepared:
+        """The statement under ``key``, compiled from ``build()`` the first time."""
+        found = self._statements.get(key)
+        if found is None:
+            found = self._statements[key] = _Prepared.compile(build(), self._dialect, column_keys)
+        return found
 
     # -- writes -------------------------------------------------------------------------------------
 
@@ -433,7 +418,7 @@ class TaskRepository:
         )
         row = cursor.fetchall()[0]
         if values["tags"]:
-            prepared = _prepared(self._dialect, "insert_tag", lambda: insert(task_tags), ("task_id", "tag"))
+            prepared = self._statement("insert_tag", lambda: insert(task_tags), ("task_id", "tag"))
             rows = [prepared.params({"task_id": values["id"], "tag": tag}) for tag in values["tags"]]
             self._conn.executemany(prepared.sql, rows)
         return self._task(row)
