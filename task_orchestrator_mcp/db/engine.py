@@ -274,16 +274,13 @@ class _Transaction:
         try:
             if db.is_sqlite:
                 gate = db.write_gate
-                if gate is None:
-                    raw.execute("BEGIN IMMEDIATE" if self._write else "BEGIN")
+                if self._write and gate is not None:
+                    # Waits in the busy handler only briefly, then at the gate (see write_gate).
+                    _busy_timeout(pooled.info, raw, STARVING_AFTER_MS)
+                    self._gate_closed = gate.begin(raw, db._busy_timeout_ms / 1000)
                 else:
-                    # Writes wait in the busy handler only briefly, then at the gate; reads as long
-                    # as the busy timeout allows.
-                    _busy_timeout(pooled.info, raw, STARVING_AFTER_MS if self._write else db._busy_timeout_ms)
-                    if self._write:
-                        self._gate_closed = gate.begin(raw, db._busy_timeout_ms / 1000)
-                    else:
-                        raw.execute("BEGIN")
+                    _busy_timeout(pooled.info, raw, db._busy_timeout_ms)  # if a gated write shortened it
+                    raw.execute("BEGIN IMMEDIATE" if self._write else "BEGIN")
                 self._changes = raw.total_changes  # a write that changed nothing needs no checkpoint
             else:
                 # Takes effect at the implicit BEGIN of the first statement; no round trip here.
