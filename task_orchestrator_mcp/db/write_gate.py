@@ -12,7 +12,7 @@ that used it up takes turns: it closes a gate (an exclusive ``flock`` on ``<data
 every writer of this server checks (a shared ``flock`` tried and dropped, two system calls) before it
 begins. Writers that find the gate closed wait until it opens; the starving writer meets only those
 already past it, each at most one transaction away from done, and it keeps the gate closed until it
-commits. The slowest write then waits a little more than the budget (110-240 ms measured with 2 to 16
+commits. The slowest write then waits a little more than the budget (110-290 ms measured with 2 to 16
 processes), not seconds; the price is that a writer that loses waits the whole budget, which becomes
 p99 under heavy contention.
 
