@@ -90,11 +90,13 @@ class Database:
         self.write_gate: WriteGate | None = None
         driver = self.url.get_driver_name()
         if self.dialect == "sqlite" and driver in ("", "pysqlite"):
+            path = _sqlite_file(self.url)
+            if path is not None:
+                # One absolute path for pysqlite, the folder made for it and the write gate beside it.
+                self.url = self.url.set(database=path)
             self.engine = _sqlite_engine(self.url, busy_timeout_ms, sqlite_synchronous, pool_size)
-            path = self.url.database or ""
-            on_disk = path not in ("", ":memory:") and not path.startswith("file:")
-            if on_disk and busy_timeout_ms > STARVING_AFTER_MS:
-                self.write_gate = WriteGate.beside(os.path.abspath(path))  # as pysqlite opens it
+            if path is not None and busy_timeout_ms > STARVING_AFTER_MS:
+                self.write_gate = WriteGate.beside(path)
         elif self.dialect == "postgresql" and driver in ("", "psycopg"):
             # The service speaks psycopg 3 directly; a bare postgresql:// means it too (SQLAlchemy's
             # own default would be psycopg2).
@@ -462,10 +464,19 @@ def _reset_isolation(raw: Any) -> None:
         logger.debug("could not reset the isolation level: {}", exc)
 
 
+def _sqlite_file(url: URL) -> str | None:
+    """The database file of an SQLite URL, absolute and with ``~`` expanded; None for an in-memory
+    database or a ``file:`` URI (pysqlite opens those as given)."""
+    path = url.database or ""
+    if path in ("", ":memory:") or path.startswith("file:"):
+        return None
+    return os.path.abspath(os.path.expanduser(path))
+
+
 def _sqlite_engine(url: URL, busy_timeout_ms: int, synchronous: str, pool_size: int) -> Engine:
-    path = url.database
-    if path and not path.startswith("file:"):
-        Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    path = _sqlite_file(url)
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(
         url,
         # pysqlite's own timeout is the busy handler too; keep both the same.

@@ -117,3 +117,21 @@ def _rows_in_main_file(path: Path) -> int:
     finally:
         main_file.close()
     return count
+
+
+def test_a_sqlite_path_under_home_opens_there_with_its_gate_beside_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``sqlite:///~/...`` is the file under the home folder (its folder made), not a folder named
+    ``~``; the write gate's lock file sits beside that same file."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    db = Database("sqlite:///~/queue/tasks.db")
+    try:
+        ensure_schema(db)
+        TaskService(db, worker_id="w").create_task("/work", "one")
+    finally:
+        db.dispose()
+    assert (tmp_path / "home" / "queue" / "tasks.db").is_file()
+    assert (tmp_path / "home" / "queue" / "tasks.db-lock").exists()
+    assert not (tmp_path / "~").exists()
