@@ -357,7 +357,8 @@ _DIALECTS: weakref.WeakKeyDictionary[Dialect, tuple[_Codec, dict[Hashable, _Prep
     weakref.WeakKeyDictionary()
 )
 # A process has one dialect: the last one seen is kept here too, which spares each repository the
-# weak-keyed lookup (it costs more than the rest of making a repository).
+# weak-keyed lookup (it costs more than the rest of making a repository). This one reference keeps
+# at most one disposed engine's dialect alive, until another dialect is seen.
 _last_dialect: list[tuple[Dialect, tuple[_Codec, dict[Hashable, _Prepared]]]] = []
 
 
