@@ -62,10 +62,12 @@ class RawStdio:
         return structured
 
     def close(self) -> None:
-        """Close stdin and wait for the server to exit."""
+        """Close stdin, wait for the server to exit, then close its stdout."""
         assert self._proc.stdin is not None
+        assert self._proc.stdout is not None
         self._proc.stdin.close()
         self._proc.wait(timeout=30)
+        self._proc.stdout.close()
 
     def __enter__(self) -> RawStdio:
         return self

@@ -46,21 +46,22 @@ def spawn_to_initialize(command: list[str], env: dict[str, str]) -> tuple[float,
     """Seconds from spawning ``command`` to its ``initialize`` answer, and to its ``tools/list`` answer
     (what an agent session really waits for before its first call)."""
     started = time.perf_counter()
-    proc = subprocess.Popen(
+    # As a context manager, Popen closes the pipes and waits for the process however this ends.
+    with subprocess.Popen(
         command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env
-    )
-    assert proc.stdin is not None
-    assert proc.stdout is not None
-    proc.stdin.write(INITIALIZE)
-    proc.stdin.flush()
-    line = proc.stdout.readline()
-    initialized = time.perf_counter() - started
-    proc.stdin.write(TOOLS_LIST)
-    proc.stdin.flush()
-    tools = proc.stdout.readline()
-    listed = time.perf_counter() - started
-    proc.stdin.close()
-    proc.wait(timeout=30)
+    ) as proc:
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        proc.stdin.write(INITIALIZE)
+        proc.stdin.flush()
+        line = proc.stdout.readline()
+        initialized = time.perf_counter() - started
+        proc.stdin.write(TOOLS_LIST)
+        proc.stdin.flush()
+        tools = proc.stdout.readline()
+        listed = time.perf_counter() - started
+        proc.stdin.close()
+        proc.wait(timeout=30)
     if b'"result"' not in line or b'"tools"' not in tools:
         raise RuntimeError(f"{command}: no initialize/tools result: {line[:300]!r} {tools[:300]!r}")
     return initialized, listed
