@@ -1,8 +1,9 @@
 """``python -m tests.benchmarks``: run the benchmark parts, print the table, optionally write JSON.
 
 Default: every part at a modest size (1M-task scale included). ``--quick``: smaller everything, about
-two minutes. ``--only`` picks parts; ``--postgres`` adds the PostgreSQL claim runs (URL from
-TASK_ORCHESTRATOR_TEST_POSTGRES_URL or ``--postgres-url``).
+two minutes. ``--smoke``: tiny sizes, to check that every part still runs (the figures mean nothing;
+the test suite runs it). ``--only`` picks parts; ``--postgres`` adds the PostgreSQL claim runs (URL
+from TASK_ORCHESTRATOR_TEST_POSTGRES_URL or ``--postgres-url``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ PARTS = ("startup", "latency", "claims", "scale", "memory")
 def _args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tests.benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes: about two minutes")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes: checks that every part runs; figures meaningless"
+    )
     parser.add_argument("--only", action="append", choices=PARTS, help="run only this part (repeatable)")
     parser.add_argument("--scale-max", type=int, default=None, help="largest scale size (default 1000000)")
     parser.add_argument("--postgres", action="store_true", help="also run the claim benchmark on PostgreSQL")
@@ -71,9 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     parts = args.only or list(PARTS)
     quick = args.quick
+    smoke = args.smoke
     scale_max = args.scale_max or (100_000 if quick else 1_000_000)
     sizes = [n for n in (10_000, 100_000, 1_000_000) if n <= scale_max] or [scale_max]
+    if smoke:
+        sizes = [1_000, 2_000]
     workers = [int(w) for w in args.workers.split(",")] if args.workers else [1, 2, 4, 8, 16]
+    if smoke and not args.workers:
+        workers = [2]
     info = machine()
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
     results: list[Result] = []
@@ -87,15 +96,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"-- {part} ...", file=sys.stderr, flush=True)
         try:
             if part == "startup":
-                results += startup.run(ws, repeats=5 if quick else 10)
+                results += startup.run(ws, repeats=1 if smoke else 5 if quick else 10)
             elif part == "latency":
-                results += asyncio.run(latency.run(ws, calls=300 if quick else 1000))
+                results += asyncio.run(latency.run(ws, calls=20 if smoke else 300 if quick else 1000))
             elif part == "claims":
                 pg_url: str | None = None
                 kwargs: dict[str, Any] = {
                     "worker_counts": workers,
-                    "seconds": 1.5 if quick else 3.0,
-                    "rounds": 1 if quick else 3,  # an odd count: the median is a real round
+                    "seconds": 0.3 if smoke else 1.5 if quick else 3.0,
+                    "rounds": 1 if quick or smoke else 3,  # an odd count: the median is a real round
                 }
                 admin = args.postgres_url or postgres_admin_url()
                 if args.postgres and admin:
@@ -107,11 +116,17 @@ def main(argv: list[str] | None = None) -> int:
                     results += claims.run(ws, **kwargs)
             elif part == "scale":
                 found, plans = scale.run(
-                    ws, sizes=sizes, calls=200 if quick else 500, rounds=1 if quick else 3
+                    ws,
+                    sizes=sizes,
+                    calls=20 if smoke else 200 if quick else 500,
+                    rounds=1 if quick or smoke else 3,
                 )
                 results += found
             elif part == "memory":
-                results += asyncio.run(memory.run(ws, calls=2000 if quick else 10_000))
+                if smoke:
+                    results += asyncio.run(memory.run(ws, calls=200, every=50))
+                else:
+                    results += asyncio.run(memory.run(ws, calls=2000 if quick else 10_000))
         except Exception as exc:  # one broken part must not lose the others' figures
             failed.append(part)
             print(f"-- {part} FAILED: {exc!r}", file=sys.stderr, flush=True)
