@@ -43,6 +43,14 @@ class Settings(BaseSettings):
     max_payload_bytes: int = Field(default=MIB, ge=1024, le=256 * MIB)
     worker_id: str | None = Field(default=None, description="This server's default worker id.")
 
+    @field_validator("worker_id")
+    @classmethod
+    def _check_worker_id(cls, value: str | None) -> str | None:
+        # The rules an agent's own worker_id meets in the service (256 characters, as its column).
+        if value is not None and (not value.strip() or len(value) > 256 or "\x00" in value):
+            raise ValueError("must be 1 to 256 characters, not only spaces, without NUL")
+        return value
+
     @field_validator("log_level", "sqlite_synchronous", mode="before")
     @classmethod
     def _upper(cls, value: object) -> object:

@@ -18,7 +18,7 @@ from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.tools import Tool
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field
 from pydantic_core import to_json
 
 from task_orchestrator_mcp.errors import TaskOrchestratorError
@@ -58,6 +58,15 @@ def _write(*, idempotent: bool = False, destructive: bool = False) -> ToolAnnota
     )
 
 
+def _not_a_boolean(value: object) -> object:
+    # pydantic's lax mode reads true as 1: acquire_task(lease_seconds=true) would grant a 1 s lease.
+    # The service refuses booleans too, but never sees one once pydantic has converted it.
+    if isinstance(value, bool):
+        raise ValueError("must be a whole number, not true or false")
+    return value
+
+
+Count = BeforeValidator(_not_a_boolean)
 WorkDir = Annotated[str, Field(description="Absolute path, e.g. /home/me/repo.")]
 WorkerId = Annotated[str | None, Field(description="Defaults to this server's own worker id.")]
 
@@ -144,7 +153,9 @@ def build_tools() -> list[Tool]:
         ctx: Context[AppState],
         priority: PriorityName = "medium",
         tags: list[str] | None = None,
-        max_attempts: Annotated[int, Field(description="Claims allowed before it fails for good.")] = 3,
+        max_attempts: Annotated[
+            int, Count, Field(description="Claims allowed before it fails for good.")
+        ] = 3,
     ) -> TaskOut:
         """Queue a task: a prompt for an agent to carry out in work_directory."""
         with _tool_errors("create_task"):
@@ -157,7 +168,7 @@ def build_tools() -> list[Tool]:
         work_directory: WorkDir,
         ctx: Context[AppState],
         worker_id: WorkerId = None,
-        lease_seconds: Annotated[int, Field(description="Heartbeat before it ends.")] = 900,
+        lease_seconds: Annotated[int, Count, Field(description="Heartbeat before it ends.")] = 900,
     ) -> AcquireOut:
         """Claim the next task for work_directory (high priority first, then oldest), exclusively.
         Returns {"task": null} when none is pending."""
@@ -171,7 +182,9 @@ def build_tools() -> list[Tool]:
         task_id: str,
         ctx: Context[AppState],
         worker_id: WorkerId = None,
-        lease_seconds: Annotated[int | None, Field(description="Default: the last lease length.")] = None,
+        lease_seconds: Annotated[
+            int | None, Count, Field(description="Default: the last lease length.")
+        ] = None,
     ) -> TaskOut:
         """Extend your lease on a task you hold, from now."""
         with _tool_errors("heartbeat_task"):
@@ -219,7 +232,7 @@ def build_tools() -> list[Tool]:
         status: StatusName | None = None,
         tags: Annotated[list[str] | None, Field(description="Tasks having all of these tags.")] = None,
         priority: PriorityName | None = None,
-        limit: Annotated[int, Field(description="1 to 200.")] = 50,
+        limit: Annotated[int, Count, Field(description="1 to 200.")] = 50,
         cursor: Annotated[str | None, Field(description="next_cursor of the previous page.")] = None,
     ) -> TaskPageOut:
         """List tasks oldest first, filtered. Prompts are cut to 200 characters; get_task has the rest."""

@@ -125,6 +125,8 @@ def test_stdout_carries_only_json_rpc_at_every_log_level(tmp_path: Path, level: 
             "invalid setting TASK_ORCHESTRATOR_MAX_PAYLOAD_BYTES",
         ),
         ({}, ["--log-level", "chatty"], "invalid setting TASK_ORCHESTRATOR_LOG_LEVEL"),
+        ({"TASK_ORCHESTRATOR_WORKER_ID": "  "}, [], "invalid setting TASK_ORCHESTRATOR_WORKER_ID"),
+        ({"TASK_ORCHESTRATOR_WORKER_ID": "w" * 257}, [], "invalid setting TASK_ORCHESTRATOR_WORKER_ID"),
     ],
 )
 def test_invalid_settings_stop_with_one_line(

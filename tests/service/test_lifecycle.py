@@ -67,6 +67,14 @@ def test_default_worker_id_is_the_services(service: TaskService) -> None:
     assert done.status is TaskStatus.COMPLETED
 
 
+@pytest.mark.parametrize("worker_id", ["", "  ", "w" * 257, "a\x00b"])
+def test_a_configured_worker_id_meets_the_rules_of_an_agents_own(database: Database, worker_id: str) -> None:
+    """Unchecked, a bad default id reached the database on every acquire (PostgreSQL refused it there:
+    "The database rejected the request")."""
+    with pytest.raises(InvalidInput, match="worker_id"):
+        TaskService(database, worker_id=worker_id)
+
+
 def test_complete_stores_result_and_history(service: TaskService, clock: FakeClock) -> None:
     created = service.create_task(DIR, "p")
     service.acquire_task(DIR, "w1")

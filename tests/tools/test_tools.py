@@ -185,6 +185,28 @@ BAD_CALLS: list[tuple[str, dict[str, Any], str]] = [
         "at most 32",
     ),
     ("create_task", {"work_directory": DIR, "prompt": "p", "tags": "solo"}, "tags"),
+    (
+        "create_task",
+        {"work_directory": DIR, "prompt": "p", "tags": [str(i) for i in range(20_000)]},
+        "at most 32 different tags",
+    ),
+    # pydantic alone would read true as 1 (a 1 s lease, a task that fails for good on its first expiry).
+    (
+        "create_task",
+        {"work_directory": DIR, "prompt": "p", "max_attempts": True},
+        "must be a whole number, not true or false",
+    ),
+    (
+        "acquire_task",
+        {"work_directory": DIR, "lease_seconds": True},
+        "must be a whole number, not true or false",
+    ),
+    (
+        "heartbeat_task",
+        {"task_id": "does-not-exist", "lease_seconds": True},
+        "must be a whole number, not true or false",
+    ),
+    ("list_tasks", {"limit": True}, "must be a whole number, not true or false"),
     ("acquire_task", {"work_directory": DIR, "lease_seconds": 0}, "lease_seconds must be from 1"),
     ("acquire_task", {"work_directory": DIR, "lease_seconds": -5}, "lease_seconds must be from 1"),
     ("acquire_task", {"work_directory": DIR, "lease_seconds": 10**9}, "lease_seconds must be from 1"),
