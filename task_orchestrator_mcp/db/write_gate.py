@@ -100,23 +100,41 @@ class WriteGate:
             finally:
                 self._closing.release()
 
+    def is_open(self) -> bool:
+        """True if no starving writer has the gate closed right now."""
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        return True
+
     def _wait_open(self, deadline: float) -> None:
         pause = _FIRST_POLL_SECONDS
-        while True:
-            try:
-                fcntl.flock(self._fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                pause = _pause(deadline, pause)
-                continue
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            return
+        while not self.is_open():
+            pause = _pause(deadline, pause)
 
-    def _begin_starving(self, raw: Any, deadline: float) -> int:
+    def _reopen(self) -> int:
+        """A new open file of the gate's lock file (a flock belongs to an open file, and this process
+        checks the gate on its own). Through /proc/self/fd where there is one: a lock file deleted
+        while servers run is still the one they all share. By path otherwise, created again if it
+        was deleted (servers that opened the old one then check another gate, until they restart)."""
+        try:
+            return os.open(f"/proc/self/fd/{self._fd}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return os.open(self._path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+
+    def _begin_starving(self, raw: Any, deadline: float) -> int | None:
         if not self._closing.acquire(timeout=max(0.0, deadline - time.monotonic())):
             raise _locked()
-        fd: int | None = None
         try:
-            fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = self._reopen()
+        except OSError as exc:  # no gate to close: wait on SQLite's busy handler, to the deadline
+            self._closing.release()
+            logger.debug("cannot close the write gate: {}", exc)
+            _begin_waiting(raw, deadline)
+            return None
+        try:
             pause = _FIRST_POLL_SECONDS
             while True:  # another process's starving writer may have the gate closed: its turn first
                 try:
@@ -136,10 +154,19 @@ class WriteGate:
             finally:
                 raw.execute(f"PRAGMA busy_timeout = {STARVING_AFTER_MS}")
         except BaseException:
-            if fd is not None:
-                os.close(fd)
+            os.close(fd)
             self._closing.release()
             raise
+
+
+def _begin_waiting(raw: Any, deadline: float) -> None:
+    """BEGIN IMMEDIATE with SQLite's busy handler waiting up to ``deadline``; its locked error if not."""
+    raw.execute(f"PRAGMA busy_timeout = {max(0, int((deadline - time.monotonic()) * 1000))}")
+    try:
+        if not _began(raw):
+            raise _locked()
+    finally:
+        raw.execute(f"PRAGMA busy_timeout = {STARVING_AFTER_MS}")
 
 
 def _began(raw: Any) -> bool:

@@ -259,3 +259,52 @@ def test_a_file_system_that_refuses_flock_means_no_gate(
         assert db.write_gate is None
         ensure_schema(db)
         TaskService(db).create_task("/repo", "x")
+
+
+def test_a_lock_file_deleted_while_servers_run_still_gates_them(db_path: Path) -> None:
+    """Someone removes tasks.db-lock as stale: a writer kept from the lock past the budget still closes
+    the gate (the same file the other servers hold open) and writes, instead of failing."""
+    with _database(db_path, busy_timeout_ms=5_000) as first, _database(db_path) as second:
+        TaskService(first).list_tasks()
+        os.remove(f"{db_path}-lock")
+        gate = second.write_gate
+        assert gate is not None
+        seen_closed: list[bool] = []
+        with closing(sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)) as other:
+            other.execute("BEGIN IMMEDIATE")
+            timer = threading.Timer(3 * STARVING_AFTER_MS / 1000, other.rollback)
+            timer.start()
+
+            def watch() -> None:  # as the other server's writers see the gate
+                for _ in range(40):
+                    seen_closed.append(not gate.is_open())
+                    time.sleep(0.01)
+
+            watcher = threading.Thread(target=watch)
+            watcher.start()
+            TaskService(first).create_task("/repo", "x")
+            watcher.join()
+            timer.join()
+        assert first.write_gate is not None
+        assert first.write_gate.closings == 1
+        assert any(seen_closed), "the other server did not see the gate closed"
+    assert _task_count(db_path) == 1
+
+
+def test_a_gate_that_cannot_be_closed_leaves_the_wait_to_sqlites_busy_handler(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def cannot(_self: object) -> int:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    with _database(db_path, busy_timeout_ms=5_000) as db:
+        monkeypatch.setattr(type(db.write_gate), "_reopen", cannot)
+        with closing(sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)) as other:
+            other.execute("BEGIN IMMEDIATE")
+            timer = threading.Timer(3 * STARVING_AFTER_MS / 1000, other.rollback)
+            timer.start()
+            TaskService(db).create_task("/repo", "x")
+            timer.join()
+        assert db.write_gate is not None
+        assert db.write_gate.closings == 0
+    assert _task_count(db_path) == 1
