@@ -137,20 +137,18 @@ class Database:
 
     def _checkout(self) -> _Pooled:
         idle = self._idle
-        if self.is_sqlite:
+        now = 0.0 if self.is_sqlite else time.monotonic()
+        while idle:
             try:
-                return idle.pop()  # atomic under the GIL: no lock needed
+                pooled = idle.pop()  # atomic under the GIL: no lock needed
             except IndexError:
-                pass
-        else:
-            now = time.monotonic()
-            while idle:
-                try:
-                    pooled = idle.pop()
-                except IndexError:
-                    break
-                if now - pooled.used < _PG_TRUST_SECONDS:
-                    return pooled
+                break
+            if pooled.generation != self._generation:
+                # Given back by a thread that checked the generation just before a recycle.
+                pooled.fairy.invalidate()
+            elif self.is_sqlite or now - pooled.used < _PG_TRUST_SECONDS:
+                return pooled
+            else:
                 pooled.fairy.close()  # idle a while: back to the pool, which pings it before reuse
         generation = self._generation
         # The pool pings PostgreSQL connections here (pool_pre_ping) and reconnects if one is stale.
@@ -178,6 +176,8 @@ class Database:
             fairy.close()
             return
         self._idle.append(pooled)
+        if self._closed:  # dispose() ran between the check above and the append
+            self._close_idle()
 
     def _callers_may_wait_in_pool(self) -> bool:
         """More connections out than the pool's resting size: give this one back to the pool."""
@@ -237,9 +237,16 @@ class Database:
         self._closed = True
         if self.checkpointer is not None:
             self.checkpointer.stop()
-        while self._idle:
-            self._idle.pop().fairy.close()
+        self._close_idle()
         self.engine.dispose()
+
+    def _close_idle(self) -> None:
+        while self._idle:
+            try:
+                pooled = self._idle.pop()
+            except IndexError:  # another thread took the last one
+                break
+            pooled.fairy.close()
 
 
 class _Pooled:

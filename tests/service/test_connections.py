@@ -135,3 +135,18 @@ def test_a_sqlite_path_under_home_opens_there_with_its_gate_beside_it(
     assert (tmp_path / "home" / "queue" / "tasks.db").is_file()
     assert (tmp_path / "home" / "queue" / "tasks.db-lock").exists()
     assert not (tmp_path / "~").exists()
+
+
+def test_a_connection_given_back_across_a_recycle_is_not_used_again(tmp_path: Path) -> None:
+    """A thread gives its connection back just as another recycles the pool (the generation moves on
+    after the first passed its check): the next transaction opens a fresh connection instead."""
+    db = Database(f"sqlite:///{tmp_path / 't.db'}")
+    ensure_schema(db)
+    with db.transaction(write=False) as before:
+        pass
+    assert db.has_idle_connection
+    db._generation += 1  # what _recycle does, after that thread's check and before its append
+    with db.transaction(write=False) as after:
+        after.execute("SELECT 1").fetchall()
+    assert after is not before
+    db.dispose()
