@@ -72,7 +72,8 @@ class TaskService:
     """The queue's operations. Thread-safe: each call runs its own transaction.
 
     Write operations read the clock after taking the write lock, so a lease starts when it is granted
-    (not before a wait for the lock) and, on SQLite, creation times follow commit order.
+    (not before a wait for the lock) and creation times follow commit order (on PostgreSQL, creates
+    take turns for that: see TaskRepository.take_turn_to_create).
     """
 
     def __init__(
@@ -120,9 +121,10 @@ class TaskService:
         clean_tags = _tags(tags)
         max_attempts = _int_in_range(max_attempts, "max_attempts", 1, MAX_ATTEMPTS_LIMIT)
         with self._db.transaction(write=True) as conn:
+            repo = TaskRepository(conn)
+            repo.take_turn_to_create()  # before the clock: creation times follow commit order
             now = self._now()
             task_id = _new_task_id(now)
-            repo = TaskRepository(conn)
             task = repo.insert_task(
                 {
                     "id": task_id,

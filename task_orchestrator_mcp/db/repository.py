@@ -73,6 +73,9 @@ _TIME_COLUMNS = frozenset(
 _JSON_COLUMNS = frozenset({"tags", "result", "details"})
 _SUMMARIES = TypeAdapter(list[TaskSummary])
 _PENDING, _IN_PROGRESS = TaskStatus.PENDING.value, TaskStatus.IN_PROGRESS.value
+# PostgreSQL: the transaction-scoped advisory lock every create_task takes (an arbitrary constant,
+# beside migrate's; fits a signed 64-bit integer).
+_PG_CREATE_LOCK_KEY = 0x7A5C_0C4E_5A17_0002
 
 
 @dataclass(frozen=True, slots=True)
@@ -407,6 +410,14 @@ class TaskRepository:
         return found
 
     # -- writes -------------------------------------------------------------------------------------
+
+    def take_turn_to_create(self) -> None:
+        """Wait until no other transaction is creating a task, and keep others waiting until this one
+        ends. PostgreSQL only (SQLite's write lock already does it): a create that reads its clock
+        after this commits after every create that read its clock before, so creation times follow
+        commit order and a list cursor never passes a task that commits later."""
+        if self._row_locks:
+            self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_CREATE_LOCK_KEY,))
 
     def insert_task(self, values: Mapping[str, Any]) -> Task:
         """Insert one task row (``values`` keyed by column) and its tag rows."""

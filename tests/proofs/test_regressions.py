@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import base64
+import threading
+import time
+from datetime import UTC, datetime
 
 import pytest
+from sqlalchemy import text
 
+from task_orchestrator_mcp.db.engine import Database
 from task_orchestrator_mcp.errors import InvalidInput
 from task_orchestrator_mcp.service import MAX_DIRECTORY_BYTES, TaskService
 from tests.proofs.support import incompressible
@@ -51,3 +56,43 @@ def test_longest_allowed_directory_is_stored_and_claimed(service: TaskService) -
     claimed = service.acquire_task(directory, "w")
     assert claimed is not None
     assert claimed.task_id == created.task_id
+
+
+@pytest.mark.parametrize("engine_name", [pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_creates_take_turns_so_a_cursor_never_passes_a_task_committed_later(database: Database) -> None:
+    """PostgreSQL: a create read its clock, another read a later one and committed first; the first
+    then committed behind the cursor of a planner paging meanwhile, and that planner never saw it.
+    Now a create waits for one in flight, so creation times follow commit order."""
+    clock_read = threading.Event()
+    release = threading.Event()
+
+    def held_clock() -> datetime:  # reads the time, then stays in flight until released
+        now = datetime.now(UTC)
+        clock_read.set()
+        release.wait(timeout=30)
+        return now
+
+    slow = threading.Thread(target=TaskService(database, clock=held_clock).create_task, args=("/p", "slow"))
+    fast = threading.Thread(target=TaskService(database).create_task, args=("/p", "fast"))
+    slow.start()
+    assert clock_read.wait(timeout=30)
+    fast.start()
+    deadline = time.monotonic() + 30
+    while fast.is_alive() and not _advisory_lock_waiters(database) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    committed_meanwhile = not fast.is_alive()
+    release.set()
+    slow.join(timeout=30)
+    fast.join(timeout=30)
+    assert not committed_meanwhile, "a create committed while one with an earlier clock reading was in flight"
+    tasks = TaskService(database).list_tasks("/p").tasks
+    assert [task.prompt for task in tasks] == ["slow", "fast"]
+    assert tasks[0].created_at < tasks[1].created_at
+
+
+def _advisory_lock_waiters(database: Database) -> int:
+    with database.read() as conn:
+        waiting: int = conn.execute(
+            text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+        ).scalar_one()
+    return waiting
