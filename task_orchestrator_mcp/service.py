@@ -289,20 +289,27 @@ class TaskService:
         limit: int = 50,
         cursor: str | None = None,
     ) -> TaskPage:
-        """A page of tasks in creation order, filtered; pass ``next_cursor`` back for the next page."""
-        flt = ListFilter(
-            work_directory=None if work_directory is None else normalise_directory(work_directory),
-            status=None if status is None else _status(status),
-            priority=None if priority is None else _priority(priority),
-            tags=_tags(tags or ()),
-        )
+        """A page of tasks in creation order, filtered; pass ``next_cursor`` back for the next page.
+
+        A cursor carries the filters of the listing it came from: given alone, it continues that
+        listing; given with other filters, it is refused (its position means nothing there)."""
+        flt = _list_filter(work_directory, status, priority, tags or ())
         limit = _int_in_range(limit, "limit", 1, MAX_LIST_LIMIT)
-        after = None if cursor is None else _decode_cursor(cursor)
+        after = None
+        if cursor is not None:
+            after, carried = _decode_cursor(cursor)
+            if carried is not None and flt != carried:
+                if flt != ListFilter():
+                    raise InvalidInput(
+                        "cursor belongs to a listing with other filters; pass it alone, or with the "
+                        "same filters as the first page."
+                    )
+                flt = carried
         with self._db.transaction(write=False) as conn:
             rows = TaskRepository(conn).list_page(flt, after, limit + 1, LIST_PROMPT_CHARS)
         more = len(rows) > limit
         rows = rows[:limit]
-        next_cursor = _encode_cursor(rows[-1].created_at, rows[-1].task_id) if more else None
+        next_cursor = _encode_cursor(rows[-1].created_at, rows[-1].task_id, flt) if more else None
         return TaskPage(tasks=rows, next_cursor=next_cursor)
 
     # -- rules --------------------------------------------------------------------------------------
@@ -556,28 +563,62 @@ def _new_task_id(now: datetime) -> str:
     return f"{int(now.timestamp() * 1000):012x}{secrets.token_hex(8)}"
 
 
-def _encode_cursor(created_at: datetime, task_id: str) -> str:
-    raw = json.dumps([created_at.isoformat(), task_id], separators=(",", ":")).encode()
+def _list_filter(
+    work_directory: str | None,
+    status: TaskStatus | str | None,
+    priority: Priority | str | None,
+    tags: Sequence[str],
+) -> ListFilter:
+    return ListFilter(
+        work_directory=None if work_directory is None else normalise_directory(work_directory),
+        status=None if status is None else _status(status),
+        priority=None if priority is None else _priority(priority),
+        # Sorted: "having all of these tags" does not depend on their order, and filters compare equal.
+        tags=tuple(sorted(_tags(tags))),
+    )
+
+
+# Room for the longest filters a cursor can carry (a 2 kB directory, 32 tags of 64 characters).
+_MAX_CURSOR_CHARS = 16_384
+
+
+def _encode_cursor(created_at: datetime, task_id: str, flt: ListFilter) -> str:
+    filters = {
+        "d": flt.work_directory,
+        "s": None if flt.status is None else flt.status.value,
+        "p": None if flt.priority is None else flt.priority.value,
+        "t": list(flt.tags),
+    }
+    raw = json.dumps([created_at.isoformat(), task_id, filters], separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+def _decode_cursor(cursor: str) -> tuple[tuple[datetime, str], ListFilter | None]:
+    """The position after which the next page starts, and the filters of the listing it came from
+    (None in a cursor from before cursors carried them)."""
     bad = InvalidInput("cursor is not valid; pass the next_cursor of a previous list_tasks call unchanged.")
-    if not isinstance(cursor, str) or not cursor or len(cursor) > 512:
+    if not isinstance(cursor, str) or not cursor or len(cursor) > _MAX_CURSOR_CHARS:
         raise bad
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created_text, task_id = json.loads(raw)
+        created_text, task_id, *rest = json.loads(raw)
         created = datetime.fromisoformat(created_text)
-        if created.tzinfo is None:
+        if created.tzinfo is None or len(rest) > 1:
             raise bad
         # A forged offset next to datetime.min/max overflows on conversion; catch it here, not in SQL.
         created = created.astimezone(UTC)
         # JSON escapes can smuggle in lone surrogates, which no driver can encode.
         task_id = _task_id(task_id)
-    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError, OverflowError):
+        carried = None
+        if rest:
+            filters = rest[0]
+            if not isinstance(filters, dict) or not isinstance(filters.get("t"), list):
+                raise bad
+            # Through the same checks as the arguments: a forged cursor gets no further than they do.
+            carried = _list_filter(filters.get("d"), filters.get("s"), filters.get("p"), filters["t"])
+    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError, OverflowError, InvalidInput):
         raise bad from None
-    return created, task_id
+    return (created, task_id), carried
 
 
 def _clip(text: str, limit: int = 500) -> str:

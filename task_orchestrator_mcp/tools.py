@@ -233,7 +233,9 @@ def build_tools() -> list[Tool]:
         tags: Annotated[list[str] | None, Field(description="Tasks having all of these tags.")] = None,
         priority: PriorityName | None = None,
         limit: Annotated[int, Count, Field(description="1 to 200.")] = 50,
-        cursor: Annotated[str | None, Field(description="next_cursor of the previous page.")] = None,
+        cursor: Annotated[
+            str | None, Field(description="next_cursor of the previous page (keeps its filters).")
+        ] = None,
     ) -> TaskPageOut:
         """List tasks oldest first, filtered. Prompts are cut to 200 characters; get_task has the rest."""
         return await _read(

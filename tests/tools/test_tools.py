@@ -151,6 +151,25 @@ async def test_list_pagination_is_stable_and_filters(client: Client) -> None:
     assert [t["task_id"] for t in high["tasks"]] == ids[3:]
 
 
+async def test_a_cursor_keeps_the_filters_of_its_listing(client: Client) -> None:
+    """The next page is asked for with the cursor alone (as the README shows): it continues the
+    filtered listing, not an unfiltered one; a cursor with other filters is refused."""
+    ids = [
+        (await call(client, "create_task", work_directory=DIR, prompt=f"{i}", tags=[tag]))["task_id"]
+        for i, tag in enumerate(["backend", "ui", "backend", "ui", "backend"])
+    ]
+    first = await call(client, "list_tasks", tags=["backend"], work_directory=DIR + "/.", limit=2)
+    assert [t["task_id"] for t in first["tasks"]] == [ids[0], ids[2]]
+    second = await call(client, "list_tasks", cursor=first["next_cursor"], limit=2)
+    assert [t["task_id"] for t in second["tasks"]] == [ids[4]]
+    assert second["next_cursor"] is None
+    # The same filters again (written differently) are fine; other filters are not.
+    same = await call(client, "list_tasks", cursor=first["next_cursor"], work_directory=DIR, tags=["backend"])
+    assert [t["task_id"] for t in same["tasks"]] == [ids[4]]
+    other = await fails(client, "list_tasks", cursor=first["next_cursor"], tags=["ui"])
+    assert "cursor belongs to a listing with other filters" in other
+
+
 BAD_CALLS: list[tuple[str, dict[str, Any], str]] = [
     ("create_task", {"work_directory": DIR, "prompt": ""}, "prompt must not be empty"),
     ("create_task", {"work_directory": DIR, "prompt": " \n\t "}, "prompt must not be empty"),
@@ -224,6 +243,12 @@ BAD_CALLS: list[tuple[str, dict[str, Any], str]] = [
     ("list_tasks", {"limit": 201}, "limit must be from 1 to 200"),
     ("list_tasks", {"cursor": "not-a-cursor"}, "cursor is not valid"),
     ("list_tasks", {"cursor": "WyJ4IiwxXQ"}, "cursor is not valid"),
+    # Filters forged into a cursor meet the same checks as arguments.
+    (
+        "list_tasks",
+        {"cursor": "WyIyMDI2LTAxLTAxVDAwOjAwOjAwKzAwOjAwIiwieCIseyJkIjoicmVsIiwidCI6W119XQ"},
+        "cursor is not valid",
+    ),
     ("list_tasks", {"work_directory": "rel"}, "must be absolute"),
 ]
 
