@@ -71,9 +71,10 @@ def default_worker_id() -> str:
 class TaskService:
     """The queue's operations. Thread-safe: each call runs its own transaction.
 
-    Write operations read the clock after taking the write lock, so a lease starts when it is granted
-    (not before a wait for the lock) and creation times follow commit order (on PostgreSQL, creates
-    take turns for that: see TaskRepository.take_turn_to_create).
+    Write operations read the clock after taking the write lock (on PostgreSQL, after locking the
+    task's row), so a lease starts when it is granted (not before a wait for the lock) and creation
+    times follow commit order (on PostgreSQL, creates take turns for that: see
+    TaskRepository.take_turn_to_create).
     """
 
     def __init__(
@@ -156,9 +157,9 @@ class TaskService:
         if reason is not None:
             reason = self._check_text(reason, "reason", allow_empty=True)
         with self._db.transaction(write=True) as conn:
-            now = self._now()
             repo = TaskRepository(conn)
             task = _found(repo.get(task_id, for_update=True), task_id)
+            now = self._now()  # after the row lock, which PostgreSQL may have waited for
             if task.status.is_final:
                 raise InvalidTransition(
                     f"Task {task_id} is already {task.status.value}; only pending or in_progress tasks "
@@ -211,9 +212,9 @@ class TaskService:
         worker = self._worker(worker_id)
         lease = None if lease_seconds is None else self._lease(lease_seconds)
         with self._db.transaction(write=True) as conn:
-            now = self._now()
             repo = TaskRepository(conn)
             self._held(repo, task_id, worker, "heartbeat")
+            now = self._now()  # after the row lock: the lease runs from when it is extended
             lease = lease or repo.lease_seconds(task_id) or self._default_lease
             return repo.update_task(
                 task_id,
@@ -258,9 +259,9 @@ class TaskService:
         if not isinstance(retry, bool):
             raise InvalidInput("retry must be true or false.")
         with self._db.transaction(write=True) as conn:
-            now = self._now()
             repo = TaskRepository(conn)
             task = self._held(repo, task_id, worker, "fail")
+            now = self._now()  # after the row lock
             again = retry and task.attempts < task.max_attempts
             to = TaskStatus.PENDING if again else TaskStatus.FAILED
             updated = repo.update_task(task_id, _release(to, now, error))
@@ -539,7 +540,12 @@ def _refusal(task: Task, worker: str, action: str) -> TaskOrchestratorError:
     if task.status is TaskStatus.PENDING:
         return NotLeaseHolder(
             f"Cannot {action} task {task_id}: it is pending, not held by anyone"
-            + (" (your lease expired and it went back to the queue)" if task.attempts else "")
+            + (
+                f" (back in the queue after attempt {task.attempts}: its lease ran out, or a failure "
+                "was reported with retry)"
+                if task.attempts
+                else ""
+            )
             + ". Acquire a task first."
         )
     return InvalidTransition(f"Cannot {action} task {task_id}: it is already {task.status.value}.")

@@ -5,15 +5,17 @@ from __future__ import annotations
 import base64
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import text
 
 from task_orchestrator_mcp.db.engine import Database
 from task_orchestrator_mcp.errors import InvalidInput
+from task_orchestrator_mcp.models import Task
 from task_orchestrator_mcp.service import MAX_DIRECTORY_BYTES, TaskService
 from tests.proofs.support import incompressible
+from tests.support import FakeClock
 
 
 def _cursor(raw: bytes) -> str:
@@ -95,4 +97,34 @@ def _advisory_lock_waiters(database: Database) -> int:
         waiting: int = conn.execute(
             text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
         ).scalar_one()
+    return waiting
+
+
+@pytest.mark.parametrize("engine_name", [pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_a_heartbeat_that_waited_for_the_row_lock_extends_the_lease_from_after_the_wait(
+    database: Database,
+) -> None:
+    """PostgreSQL has no write lock: the clock used to be read before the row lock was waited for,
+    so a heartbeat that waited lost that wait from its lease (and a cancel could date itself before
+    the change it waited behind)."""
+    clock = FakeClock()
+    service = TaskService(database, clock=clock, worker_id="w")
+    made = service.create_task("/p", "x")
+    assert service.acquire_task("/p", lease_seconds=60) is not None
+    result: list[Task] = []
+    with database.write() as other:
+        other.execute(text("SELECT id FROM tasks WHERE id = :id FOR UPDATE"), {"id": made.task_id})
+        beat = threading.Thread(target=lambda: result.append(service.heartbeat_task(made.task_id)))
+        beat.start()
+        deadline = time.monotonic() + 30
+        while not _row_lock_waiters(database) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        clock.advance(30)  # the time spent waiting for the row
+    beat.join(timeout=30)
+    assert result[0].lease_expires_at == clock.now + timedelta(seconds=60)
+
+
+def _row_lock_waiters(database: Database) -> int:
+    with database.read() as conn:
+        waiting: int = conn.execute(text("SELECT count(*) FROM pg_locks WHERE NOT granted")).scalar_one()
     return waiting

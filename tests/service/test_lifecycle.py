@@ -302,3 +302,17 @@ def test_last_error_survives_lease_expiry_and_a_cancel_without_reason(
     recovered = service.get_task(created.task_id)
     assert (recovered.status, recovered.error) == (TaskStatus.PENDING, "flaky network")
     assert service.cancel_task(created.task_id).error == "flaky network"
+
+
+def test_a_refusal_on_a_pending_task_says_how_it_got_there(service: TaskService) -> None:
+    """A task back in the queue after a failure reported with retry: the refusal must not claim that
+    a lease ran out when nobody's did."""
+    made = service.create_task(DIR, "p")
+    assert service.acquire_task(DIR, worker_id="a") is not None
+    service.fail_task(made.task_id, "flaky", worker_id="a", retry=True)
+    with pytest.raises(NotLeaseHolder) as refused:
+        service.complete_task(made.task_id, "ok", worker_id="a")
+    message = str(refused.value)
+    assert "it is pending, not held by anyone" in message
+    assert "back in the queue after attempt 1" in message
+    assert "a failure was reported with retry" in message
