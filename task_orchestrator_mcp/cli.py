@@ -88,8 +88,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     opening = OpeningDatabase(settings, on_failure=fail_now)
     logger.info("serving MCP on stdio")
-    with contextlib.suppress(KeyboardInterrupt):
-        build_server(settings, opening=opening).run()
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            build_server(settings, opening=opening).run()
+    except* (BrokenPipeError, ConnectionResetError):
+        # The client left while an answer was on its way to it: nothing to serve any more, and
+        # nothing acknowledged is lost (an answer it never read acknowledged nothing). Point stdout
+        # at /dev/null, or the interpreter's own flush at exit reports the broken pipe again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        logger.info("the client closed the connection")
     if opening.error is not None:  # the client left before the open failed
         return failed(opening.error)
     return 0

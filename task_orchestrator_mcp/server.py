@@ -178,6 +178,7 @@ class OpeningDatabase:
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._closing = False
+        self._abandoned = False  # close() stopped waiting: the opening thread closes what it opened
         self._thread: threading.Thread | None = None
         self._database: Database | None = None
         self._service: TaskService | None = None
@@ -200,14 +201,15 @@ class OpeningDatabase:
             self.error = exc
         finally:
             self._done.set()
-        if self.error is not None:
-            with self._lock:
-                if self._closing:
-                    return
-                if self._on_failure is not None:
-                    self._on_failure(self.error)
-                else:
-                    logger.error("cannot use the database: {}", self.error)
+        with self._lock:
+            if self._abandoned and self._database is not None:
+                self._database.dispose()
+            if self.error is None or self._closing:
+                return
+            if self._on_failure is not None:
+                self._on_failure(self.error)
+            else:
+                logger.error("cannot use the database: {}", self.error)
 
     @property
     def ready(self) -> bool:
@@ -226,12 +228,23 @@ class OpeningDatabase:
             )
         return self._service
 
-    def close(self) -> None:
-        """Wait for the open to finish, then close the database."""
+    def close(self, wait_seconds: float = 2.0) -> None:
+        """Close the database once the open has finished, waiting for it at most ``wait_seconds``.
+
+        An open can wait as long as the busy timeout (another process holding SQLite's lock or the
+        migration lock); a client that has left should not wait for it. Past the wait, the opening
+        thread closes the database itself when it is done, and a process that exits meanwhile
+        takes it along (it is a daemon thread; an unfinished migration is rolled back).
+        """
         with self._lock:
             self._closing = True
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout=wait_seconds)
+        with self._lock:
+            if not self._done.is_set():
+                self._abandoned = True
+                logger.debug("not waiting any longer for the database to open")
+                return
         if self._database is not None:
             self._database.dispose()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -210,3 +211,73 @@ def test_version_flag() -> None:
     proc = run_server_once(server_env("sqlite:////tmp/unused.db"), "--version")
     assert proc.returncode == 0
     assert proc.stdout.startswith("task-orchestrator-mcp ")
+
+
+def _spawn(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "task_orchestrator_mcp"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+
+
+def test_a_client_that_dies_with_answers_on_their_way_leaves_a_clean_exit(tmp_path: Path) -> None:
+    """Both pipes close at once, as when the client is killed, just after requests it will never read
+    the answers to: the server's write meets a broken pipe. It ends with 0 and no traceback (it
+    used to exit 1 with a traceback on stderr in every run of this)."""
+    env = server_env(f"sqlite:///{tmp_path / 't.db'}")
+    for _ in range(3):
+        proc = _spawn(env)
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        proc.stdin.write((json.dumps(INIT) + "\n").encode())
+        proc.stdin.flush()
+        assert b'"result"' in proc.stdout.readline()
+        pings = "".join(_rpc(i, "ping") + "\n" for i in range(2, 12))
+        proc.stdin.write(pings.encode())
+        proc.stdin.flush()
+        proc.stdout.close()
+        proc.stdin.close()
+        code, stderr = _exit_of(proc, timeout=60)
+        assert code == 0, stderr
+        assert "Traceback" not in stderr, stderr
+
+
+def test_a_client_that_leaves_does_not_wait_for_a_blocked_database_open(tmp_path: Path) -> None:
+    """Another process holds SQLite's write lock on a new database, so the server's first migration
+    waits (up to the 30 s busy timeout). A client that closes stdin meanwhile gets the server gone
+    well before that, exit 0 (it used to wait the whole busy timeout, then exit 1)."""
+    path = tmp_path / "t.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("PRAGMA journal_mode = WAL")
+        holder.execute("CREATE TABLE other (x)")
+        holder.execute("BEGIN IMMEDIATE")
+        proc = _spawn(server_env(f"sqlite:///{path}", TASK_ORCHESTRATOR_BUSY_TIMEOUT_MS="30000"))
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        proc.stdin.write((json.dumps(INIT) + "\n").encode())
+        proc.stdin.flush()
+        assert b'"result"' in proc.stdout.readline()  # answered while the database is opening
+        proc.stdin.close()
+        code, stderr = _exit_of(proc, timeout=20)  # not the 30 s busy timeout
+        proc.stdout.close()
+        assert code == 0, stderr
+    finally:
+        holder.close()
+
+
+def _exit_of(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, str]:
+    """The exit code and stderr of a server whose stdin is closed (its stderr is a few lines at most:
+    the pipe cannot fill up while we wait)."""
+    assert proc.stderr is not None
+    try:
+        code = proc.wait(timeout=timeout)
+    finally:
+        proc.kill()
+        proc.wait()
+        stderr = proc.stderr.read().decode(errors="replace")
+        proc.stderr.close()
+    return code, stderr
