@@ -524,9 +524,26 @@ def _sqlite_engine(url: URL, busy_timeout_ms: int, synchronous: str, pool_size: 
     return engine
 
 
+# A stuck statement or an abandoned transaction must not hold row locks forever.
+_PG_SESSION_OPTIONS = "-c statement_timeout=30000 -c idle_in_transaction_session_timeout=60000"
+
+
 def _postgres_engine(url: URL, pool_size: int) -> Engine:
     # Many short-lived stdio processes share the server: a small pool, checked before use (so a
     # restarted PostgreSQL costs one reconnect, not an error), and bounded waits everywhere.
+    # connect_args override the URL's own query parameters: ours are defaults, the URL's win (a
+    # search_path in ?options=, say); session options are joined, the URL's last, so they win too.
+    given = url.query
+    connect_args: dict[str, Any] = {
+        key: value
+        for key, value in (("connect_timeout", 5), ("application_name", "task-orchestrator-mcp"))
+        if key not in given
+    }
+    extra = given.get("options")
+    extra_options = " ".join(extra) if isinstance(extra, tuple) else extra
+    connect_args["options"] = (
+        f"{_PG_SESSION_OPTIONS} {extra_options}" if extra_options else _PG_SESSION_OPTIONS
+    )
     return create_engine(
         url,
         pool_size=pool_size,
@@ -534,12 +551,7 @@ def _postgres_engine(url: URL, pool_size: int) -> Engine:
         pool_pre_ping=True,
         pool_recycle=1800,
         pool_timeout=10,
-        connect_args={
-            "connect_timeout": 5,
-            "application_name": "task-orchestrator-mcp",
-            # A stuck statement or an abandoned transaction must not hold row locks forever.
-            "options": "-c statement_timeout=30000 -c idle_in_transaction_session_timeout=60000",
-        },
+        connect_args=connect_args,
     )
 
 

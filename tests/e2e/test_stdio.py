@@ -128,6 +128,8 @@ def test_stdout_carries_only_json_rpc_at_every_log_level(tmp_path: Path, level: 
         ({}, ["--log-level", "chatty"], "invalid setting TASK_ORCHESTRATOR_LOG_LEVEL"),
         ({"TASK_ORCHESTRATOR_WORKER_ID": "  "}, [], "invalid setting TASK_ORCHESTRATOR_WORKER_ID"),
         ({"TASK_ORCHESTRATOR_WORKER_ID": "w" * 257}, [], "invalid setting TASK_ORCHESTRATOR_WORKER_ID"),
+        # Not UTF-8: os.environ gives it lone surrogates (was reported as a database failure, exit 1).
+        ({"TASK_ORCHESTRATOR_WORKER_ID": "worker-\udcff"}, [], "invalid setting TASK_ORCHESTRATOR_WORKER_ID"),
     ],
 )
 def test_invalid_settings_stop_with_one_line(

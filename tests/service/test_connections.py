@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from task_orchestrator_mcp.db.engine import Database
 from task_orchestrator_mcp.db.migrate import ensure_schema
@@ -150,3 +151,28 @@ def test_a_connection_given_back_across_a_recycle_is_not_used_again(tmp_path: Pa
         after.execute("SELECT 1").fetchall()
     assert after is not before
     db.dispose()
+
+
+@pytest.mark.parametrize("engine_name", [pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_a_postgresql_urls_own_options_are_kept_beside_the_servers(database_url: str) -> None:
+    """?options=-csearch_path=... and ?application_name=... in the URL reach the session (they were
+    replaced by the server's own connect arguments: the schema went to public); the server's
+    statement timeout still applies."""
+    setup = Database(database_url)
+    with setup.write() as conn:
+        conn.execute(text("CREATE SCHEMA queue"))
+    setup.dispose()
+    db = Database(f"{database_url}?options=-csearch_path%3Dqueue&application_name=planner")
+    try:
+        ensure_schema(db)
+        TaskService(db).create_task("/repo", "x")
+        with db.read() as conn:
+            assert conn.execute(text("SHOW search_path")).scalar_one() == "queue"
+            assert conn.execute(text("SHOW application_name")).scalar_one() == "planner"
+            assert conn.execute(text("SHOW statement_timeout")).scalar_one() == "30s"
+            schemas = conn.execute(
+                text("SELECT table_schema FROM information_schema.tables WHERE table_name = 'tasks'")
+            ).scalars()
+            assert list(schemas) == ["queue"]
+    finally:
+        db.dispose()
