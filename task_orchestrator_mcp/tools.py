@@ -7,6 +7,7 @@ structured content the SDK would have produced, and its text copy as compact JSO
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.tools import Tool
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
-from pydantic import BaseModel, BeforeValidator, Field
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError
 from pydantic_core import to_json
 
 from task_orchestrator_mcp.errors import TaskOrchestratorError
@@ -123,8 +124,49 @@ def _result(model: BaseModel) -> CallToolResult:
 _Handler = Callable[..., CallToolResult | Awaitable[CallToolResult]]
 
 
+class _Tool(Tool):
+    """A tool whose argument errors read as one line: pydantic's own report spans several lines per
+    error, each with its error type and a documentation link, which an agent does not need."""
+
+    async def run(self, arguments: dict[str, Any], context: Any, convert_result: bool = False) -> Any:
+        """Run the tool (see ``Tool.run``); arguments that fail validation are reported in one line."""
+        try:
+            return await super().run(arguments, context, convert_result)
+        except ToolError as exc:
+            cause = exc.__cause__
+            # The SDK's own check of the arguments (its model is "<tool>Arguments"), not an error
+            # inside the tool, which _tool_errors has already turned into its sentence.
+            if isinstance(cause, ValidationError) and cause.title.endswith("Arguments"):
+                raise ToolError(f"Error executing tool {self.name}: {_argument_errors(cause)}") from cause
+            raise
+
+
+def _argument_errors(error: ValidationError) -> str:
+    """``invalid arguments: priority: Input should be 'high', 'medium' or 'low' (got 'urgent').``"""
+    parts: list[str] = []
+    for item in error.errors(include_url=False):
+        loc = item["loc"]
+        # The argument, and positions in a list; not the names of union branches pydantic adds.
+        where = str(loc[0]) + "".join(f"[{p}]" for p in loc[1:] if isinstance(p, int)) if loc else "arguments"
+        msg = item["msg"].removeprefix("Value error, ")
+        part = (
+            f"{where}: {msg}"
+            if item["type"] == "missing"
+            else f"{where}: {msg} (got {_short(item['input'])})"
+        )
+        if part not in parts:
+            parts.append(part)
+    return "invalid arguments: " + "; ".join(parts) + "."
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """The value as the agent wrote it (JSON), cut short."""
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _tool(fn: _Handler, annotations: ToolAnnotations) -> Tool:
-    tool = Tool.from_function(fn, annotations=annotations)
+    tool = _Tool.from_function(fn, annotations=annotations)
     # The SDK would parse a returned result's structuredContent back into the output model only to
     # check it; ours was dumped from that very model (a third of the cost of a 50-row page). With no
     # output_model, FuncMetadata still publishes output_schema and passes the result through as is.

@@ -369,7 +369,7 @@ class Session:
             return
         self.rejected += 1
         message = _text(result)
-        self.rejected_by_schema += "validation error" in message
+        self.rejected_by_schema += "invalid arguments:" in message
         assert_clear_error(tool, message)
         assert snapshot(self._engine) == before, f"rejected call changed the database: {message}"
 
