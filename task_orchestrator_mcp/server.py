@@ -238,8 +238,9 @@ class OpeningDatabase:
         """
         with self._lock:
             self._closing = True
-        if self._thread is not None:
-            self._thread.join(timeout=wait_seconds)
+        if self._thread is None:  # never started: nothing was opened
+            return
+        self._thread.join(timeout=wait_seconds)
         with self._lock:
             if not self._done.is_set():
                 self._abandoned = True
