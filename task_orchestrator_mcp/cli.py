@@ -62,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         first = exc.errors()[0]
         field = str(first["loc"][0]) if first["loc"] else "settings"
-        return _fail(f"invalid setting TASK_ORCHESTRATOR_{field.upper()}: {first['msg']}", 2)
+        message = first["msg"].removeprefix("Value error, ")
+        return _fail(f"invalid setting TASK_ORCHESTRATOR_{field.upper()}: {message}", 2)
 
     from task_orchestrator_mcp.log import configure_logging
 

@@ -74,7 +74,9 @@ class TaskService:
     Write operations read the clock after taking the write lock (on PostgreSQL, after locking the
     task's row), so a lease starts when it is granted (not before a wait for the lock) and creation
     times follow commit order (on PostgreSQL, creates take turns for that: see
-    TaskRepository.take_turn_to_create).
+    TaskRepository.take_turn_to_create). One exception: complete_task is one guarded statement and
+    reads the clock before it; on PostgreSQL, a completion that waited for the row (behind the
+    holder's own heartbeat, say) is stamped up to that wait early.
     """
 
     def __init__(
@@ -584,8 +586,9 @@ def _list_filter(
     )
 
 
-# Room for the longest filters a cursor can carry (a 2 kB directory, 32 tags of 64 characters).
-_MAX_CURSOR_CHARS = 16_384
+# Room for the longest filters a cursor can carry: a 2 kB directory and 32 tags of 64 characters, as
+# UTF-8 JSON (a control character escapes to 6 bytes), then base64.
+_MAX_CURSOR_CHARS = 65_536
 
 
 def _encode_cursor(created_at: datetime, task_id: str, flt: ListFilter) -> str:
@@ -595,8 +598,8 @@ def _encode_cursor(created_at: datetime, task_id: str, flt: ListFilter) -> str:
         "p": None if flt.priority is None else flt.priority.value,
         "t": list(flt.tags),
     }
-    raw = json.dumps([created_at.isoformat(), task_id, filters], separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    text = json.dumps([created_at.isoformat(), task_id, filters], separators=(",", ":"), ensure_ascii=False)
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
 
 
 def _decode_cursor(cursor: str) -> tuple[tuple[datetime, str], ListFilter | None]:
@@ -622,7 +625,15 @@ def _decode_cursor(cursor: str) -> tuple[tuple[datetime, str], ListFilter | None
                 raise bad
             # Through the same checks as the arguments: a forged cursor gets no further than they do.
             carried = _list_filter(filters.get("d"), filters.get("s"), filters.get("p"), filters["t"])
-    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError, OverflowError, InvalidInput):
+    except (
+        binascii.Error,
+        ValueError,
+        TypeError,
+        UnicodeDecodeError,
+        OverflowError,
+        RecursionError,  # deeply nested JSON in a forged cursor
+        InvalidInput,
+    ):
         raise bad from None
     return (created, task_id), carried
 

@@ -43,6 +43,12 @@ class Settings(BaseSettings):
     max_payload_bytes: int = Field(default=MIB, ge=1024, le=256 * MIB)
     worker_id: str | None = Field(default=None, description="This server's default worker id.")
 
+    @field_validator("worker_id", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # Client configurations write "" to mean "not set": the default id, as before.
+        return None if value == "" else value
+
     @field_validator("worker_id")
     @classmethod
     def _check_worker_id(cls, value: str | None) -> str | None:

@@ -141,9 +141,12 @@ class _Tool(Tool):
             raise
 
 
+_ERRORS_SHOWN = 5
+
+
 def _argument_errors(error: ValidationError) -> str:
     """``invalid arguments: priority: Input should be 'high', 'medium' or 'low' (got 'urgent').``"""
-    parts: list[str] = []
+    parts: dict[str, None] = {}  # ordered, and a repeat costs one lookup (a list of 40k ints repeats)
     for item in error.errors(include_url=False):
         loc = item["loc"]
         # The argument, and positions in a list; not the names of union branches pydantic adds.
@@ -154,9 +157,10 @@ def _argument_errors(error: ValidationError) -> str:
             if item["type"] == "missing"
             else f"{where}: {msg} (got {_short(item['input'])})"
         )
-        if part not in parts:
-            parts.append(part)
-    return "invalid arguments: " + "; ".join(parts) + "."
+        parts[part] = None
+    shown = list(parts)[:_ERRORS_SHOWN]
+    more = f"; and {len(parts) - len(shown)} more" if len(parts) > len(shown) else ""
+    return "invalid arguments: " + "; ".join(shown) + more + "."
 
 
 def _short(value: Any, limit: int = 60) -> str:

@@ -117,8 +117,9 @@ class WriteGate:
     def _reopen(self) -> int:
         """A new open file of the gate's lock file (a flock belongs to an open file, and this process
         checks the gate on its own). Through /proc/self/fd where there is one: a lock file deleted
-        while servers run is still the one they all share. By path otherwise, created again if it
-        was deleted (servers that opened the old one then check another gate, until they restart)."""
+        while servers run is still the one those servers share (a server started after the deletion
+        makes a new one, and the two groups check different gates until the older servers restart).
+        By path otherwise, created again if it was deleted."""
         try:
             return os.open(f"/proc/self/fd/{self._fd}", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:

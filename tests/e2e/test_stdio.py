@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from mcp import Client
 
+from task_orchestrator_mcp.settings import Settings
 from tests.support import run_server_once, server_env, server_params, structured
 
 INIT = {
@@ -283,3 +284,9 @@ def _exit_of(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, str]:
         stderr = proc.stderr.read().decode(errors="replace")
         proc.stderr.close()
     return code, stderr
+
+
+def test_an_empty_worker_id_setting_means_the_default(tmp_path: Path) -> None:
+    """Client configurations write "" for "not set"."""
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 't.db'}", worker_id="")
+    assert settings.worker_id is None

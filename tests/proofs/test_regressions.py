@@ -93,9 +93,20 @@ def test_creates_take_turns_so_a_cursor_never_passes_a_task_committed_later(data
 
 
 def _advisory_lock_waiters(database: Database) -> int:
+    return _lock_waiters(database, "advisory")
+
+
+def _lock_waiters(database: Database, kind: str | None = None) -> int:
+    """Sessions of this test's database waiting for a lock (of ``kind``, if given): pg_locks covers
+    the whole cluster, and a waiter elsewhere must not end a test's wait early."""
     with database.read() as conn:
         waiting: int = conn.execute(
-            text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+            text(
+                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                "WHERE NOT l.granted AND a.datname = current_database() "
+                "AND (CAST(:kind AS text) IS NULL OR l.locktype = :kind)"
+            ),
+            {"kind": kind},
         ).scalar_one()
     return waiting
 
@@ -117,14 +128,24 @@ def test_a_heartbeat_that_waited_for_the_row_lock_extends_the_lease_from_after_t
         beat = threading.Thread(target=lambda: result.append(service.heartbeat_task(made.task_id)))
         beat.start()
         deadline = time.monotonic() + 30
-        while not _row_lock_waiters(database) and time.monotonic() < deadline:
+        while not _lock_waiters(database) and time.monotonic() < deadline:
             time.sleep(0.01)
         clock.advance(30)  # the time spent waiting for the row
     beat.join(timeout=30)
     assert result[0].lease_expires_at == clock.now + timedelta(seconds=60)
 
 
-def _row_lock_waiters(database: Database) -> int:
-    with database.read() as conn:
-        waiting: int = conn.execute(text("SELECT count(*) FROM pg_locks WHERE NOT granted")).scalar_one()
-    return waiting
+def test_a_cursor_with_the_longest_non_ascii_filters_is_taken_back(
+    service: TaskService, clock: FakeClock
+) -> None:
+    """32 tags of 64 CJK characters and a long directory: the server must accept the cursor it issued
+    (ASCII-escaped JSON made it 24,647 characters, past the length it accepted)."""
+    directory = "/" + "目" * 600  # 1,801 bytes of UTF-8
+    tags = [f"{i:02d}" + "标" * 62 for i in range(32)]
+    for prompt in ("first", "second"):
+        service.create_task(directory, prompt, tags=tags)
+        clock.advance(1)
+    first = service.list_tasks(directory, tags=tags, limit=1)
+    assert first.next_cursor is not None
+    second = service.list_tasks(cursor=first.next_cursor, limit=1)
+    assert [task.prompt for task in second.tasks] == ["second"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -254,6 +255,14 @@ BAD_CALLS: list[tuple[str, dict[str, Any], str]] = [
     ("list_tasks", {"limit": 201}, "limit must be from 1 to 200"),
     ("list_tasks", {"cursor": "not-a-cursor"}, "cursor is not valid"),
     ("list_tasks", {"cursor": "WyJ4IiwxXQ"}, "cursor is not valid"),
+    # JSON nested past Python's recursion limit, in a forged cursor (was an internal error).
+    ("list_tasks", {"cursor": base64.urlsafe_b64encode(b"[" * 5000).decode()}, "cursor is not valid"),
+    # Many wrong items: the first few errors, then how many more (each reported once).
+    (
+        "create_task",
+        {"work_directory": DIR, "prompt": "p", "tags": list(range(40_000))},
+        "; and 39995 more.",
+    ),
     # Filters forged into a cursor meet the same checks as arguments.
     (
         "list_tasks",
