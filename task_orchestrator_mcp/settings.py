@@ -53,13 +53,14 @@ class Settings(BaseSettings):
     @classmethod
     def _check_worker_id(cls, value: str | None) -> str | None:
         # The rules an agent's own worker_id meets in the service (256 characters, as its column).
-        if value is not None and (not value.strip() or len(value) > 256 or "\x00" in value):
+        if value is None:
+            return None
+        if not value.strip() or len(value) > 256 or "\x00" in value:
             raise ValueError("must be 1 to 256 characters, not only spaces, without NUL")
-        if value is not None:
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:  # an environment value that is not UTF-8 has lone surrogates
-                raise ValueError("must be valid UTF-8 text") from None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # an environment value that is not UTF-8 has lone surrogates
+            raise ValueError("must be valid UTF-8 text") from None
         return value
 
     @field_validator("log_level", "sqlite_synchronous", mode="before")

@@ -146,20 +146,20 @@ _ERRORS_SHOWN = 5
 
 def _argument_errors(error: ValidationError) -> str:
     """``invalid arguments: priority: Input should be 'high', 'medium' or 'low' (got 'urgent').``"""
-    parts: dict[str, None] = {}  # ordered, and a repeat costs one lookup (a list of 40k ints repeats)
-    for item in error.errors(include_url=False):
+    items = error.errors(include_url=False)
+    shown: dict[str, None] = {}  # ordered; a repeated message is shown once
+    used = 0
+    for item in items:
+        if len(shown) == _ERRORS_SHOWN:
+            break
+        used += 1
         loc = item["loc"]
         # The argument, and positions in a list; not the names of union branches pydantic adds.
         where = str(loc[0]) + "".join(f"[{p}]" for p in loc[1:] if isinstance(p, int)) if loc else "arguments"
         msg = item["msg"].removeprefix("Value error, ")
-        part = (
-            f"{where}: {msg}"
-            if item["type"] == "missing"
-            else f"{where}: {msg} (got {_short(item['input'])})"
-        )
-        parts[part] = None
-    shown = list(parts)[:_ERRORS_SHOWN]
-    more = f"; and {len(parts) - len(shown)} more" if len(parts) > len(shown) else ""
+        got = "" if item["type"] == "missing" else f" (got {_short(item['input'])})"
+        shown[f"{where}: {msg}{got}"] = None
+    more = f"; and {len(items) - used} more" if used < len(items) else ""
     return "invalid arguments: " + "; ".join(shown) + more + "."
 
 
