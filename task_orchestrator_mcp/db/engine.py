@@ -94,7 +94,7 @@ class Database:
             if path is not None:
                 # One absolute path for pysqlite, the folder made for it and the write gate beside it.
                 self.url = self.url.set(database=path)
-            self.engine = _sqlite_engine(self.url, busy_timeout_ms, sqlite_synchronous, pool_size)
+            self.engine = _sqlite_engine(self.url, path, busy_timeout_ms, sqlite_synchronous, pool_size)
             if path is not None and busy_timeout_ms > STARVING_AFTER_MS:
                 self.write_gate = WriteGate.beside(path)
         elif self.dialect == "postgresql" and driver in ("", "psycopg"):
@@ -177,7 +177,7 @@ class Database:
             return
         self._idle.append(pooled)
         if self._closed:  # dispose() ran between the check above and the append
-            self._close_idle()
+            self._drop_idle(invalidate=False)
 
     def _callers_may_wait_in_pool(self) -> bool:
         """More connections out than the pool's resting size: give this one back to the pool."""
@@ -195,12 +195,7 @@ class Database:
         """Drop this connection and every pooled one, as SQLAlchemy does on a disconnect."""
         self._generation += 1
         self.engine.pool._invalidate(fairy, exc)
-        while self._idle:
-            try:
-                idle = self._idle.pop()
-            except IndexError:
-                break
-            idle.fairy.invalidate()
+        self._drop_idle(invalidate=True)
 
     @property
     def _driver_error(self) -> type[Exception]:
@@ -237,16 +232,20 @@ class Database:
         self._closed = True
         if self.checkpointer is not None:
             self.checkpointer.stop()
-        self._close_idle()
+        self._drop_idle(invalidate=False)
         self.engine.dispose()
 
-    def _close_idle(self) -> None:
+    def _drop_idle(self, *, invalidate: bool) -> None:
+        """Empty the kept connections: closed (back to the pool), or invalidated (never reused)."""
         while self._idle:
             try:
                 pooled = self._idle.pop()
             except IndexError:  # another thread took the last one
                 break
-            pooled.fairy.close()
+            if invalidate:
+                pooled.fairy.invalidate()
+            else:
+                pooled.fairy.close()
 
 
 class _Pooled:
@@ -480,9 +479,10 @@ def _sqlite_file(url: URL) -> str | None:
     return os.path.abspath(os.path.expanduser(path))
 
 
-def _sqlite_engine(url: URL, busy_timeout_ms: int, synchronous: str, pool_size: int) -> Engine:
-    path = _sqlite_file(url)
-    if path is not None:
+def _sqlite_engine(
+    url: URL, path: str | None, busy_timeout_ms: int, synchronous: str, pool_size: int
+) -> Engine:
+    if path is not None:  # the file, as _sqlite_file gives it (None: in memory, or a file: URI)
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(
         url,

@@ -31,6 +31,8 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from loguru import logger
@@ -146,14 +148,11 @@ class WriteGate:
             self.closings += 1
             # Only writers already past the gate are ahead now, each about to finish: look often, not
             # at the busy handler's intervals (up to 100 ms, while every other writer waits too).
-            raw.execute("PRAGMA busy_timeout = 0")
-            try:
+            with _busy_timeout(raw, 0):
                 pause = _FIRST_POLL_SECONDS
                 while not _began(raw):
                     pause = _pause(deadline, pause)
-                return fd
-            finally:
-                raw.execute(f"PRAGMA busy_timeout = {STARVING_AFTER_MS}")
+            return fd
         except BaseException:
             os.close(fd)
             self._closing.release()
@@ -162,10 +161,17 @@ class WriteGate:
 
 def _begin_waiting(raw: Any, deadline: float) -> None:
     """BEGIN IMMEDIATE with SQLite's busy handler waiting up to ``deadline``; its locked error if not."""
-    raw.execute(f"PRAGMA busy_timeout = {max(0, int((deadline - time.monotonic()) * 1000))}")
-    try:
+    with _busy_timeout(raw, max(0, int((deadline - time.monotonic()) * 1000))):
         if not _began(raw):
             raise _locked()
+
+
+@contextmanager
+def _busy_timeout(raw: Any, ms: int) -> Iterator[None]:
+    """The connection's busy timeout set to ``ms`` for the block, then back to the gated writes' budget."""
+    raw.execute(f"PRAGMA busy_timeout = {ms}")
+    try:
+        yield
     finally:
         raw.execute(f"PRAGMA busy_timeout = {STARVING_AFTER_MS}")
 
