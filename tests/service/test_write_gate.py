@@ -61,6 +61,19 @@ def _task_count(path: Path) -> int:
     return count
 
 
+@contextmanager
+def _lock_held_for(path: Path, seconds: float) -> Iterator[None]:
+    """Another connection holds SQLite's write lock for ``seconds`` from the start of the block."""
+    with closing(sqlite3.connect(path, isolation_level=None, check_same_thread=False)) as other:
+        other.execute("BEGIN IMMEDIATE")
+        timer = threading.Timer(seconds, other.rollback)
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.join()
+
+
 def _when_the_gate_closes(path: Path, then: threading.Event) -> threading.Thread:
     """A thread that sets ``then`` once someone has closed the gate (within 30 s)."""
 
@@ -270,21 +283,17 @@ def test_a_lock_file_deleted_while_servers_run_still_gates_them(db_path: Path) -
         gate = second.write_gate
         assert gate is not None
         seen_closed: list[bool] = []
-        with closing(sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)) as other:
-            other.execute("BEGIN IMMEDIATE")
-            timer = threading.Timer(3 * STARVING_AFTER_MS / 1000, other.rollback)
-            timer.start()
 
-            def watch() -> None:  # as the other server's writers see the gate
-                for _ in range(40):
-                    seen_closed.append(not gate.is_open())
-                    time.sleep(0.01)
+        def watch() -> None:  # as the other server's writers see the gate
+            for _ in range(40):
+                seen_closed.append(not gate.is_open())
+                time.sleep(0.01)
 
+        with _lock_held_for(db_path, 3 * STARVING_AFTER_MS / 1000):
             watcher = threading.Thread(target=watch)
             watcher.start()
             TaskService(first).create_task("/repo", "x")
             watcher.join()
-            timer.join()
         assert first.write_gate is not None
         assert first.write_gate.closings == 1
         assert any(seen_closed), "the other server did not see the gate closed"
@@ -299,12 +308,8 @@ def test_a_gate_that_cannot_be_closed_leaves_the_wait_to_sqlites_busy_handler(
 
     with _database(db_path, busy_timeout_ms=5_000) as db:
         monkeypatch.setattr(type(db.write_gate), "_reopen", cannot)
-        with closing(sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)) as other:
-            other.execute("BEGIN IMMEDIATE")
-            timer = threading.Timer(3 * STARVING_AFTER_MS / 1000, other.rollback)
-            timer.start()
+        with _lock_held_for(db_path, 3 * STARVING_AFTER_MS / 1000):
             TaskService(db).create_task("/repo", "x")
-            timer.join()
         assert db.write_gate is not None
         assert db.write_gate.closings == 0
     assert _task_count(db_path) == 1
