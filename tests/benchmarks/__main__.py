@@ -15,6 +15,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,27 @@ from tests.benchmarks.common import Result, Workspace, machine
 from tests.support import fresh_postgres_database, postgres_admin_url
 
 PARTS = ("startup", "latency", "claims", "scale", "memory")
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    """How much each part does, per mode."""
+
+    startup_repeats: int
+    latency_calls: int
+    claim_workers: tuple[int, ...]
+    claim_seconds: float
+    claim_rounds: int  # odd: the median is a real round
+    scale_sizes: tuple[int, ...]
+    scale_calls: int
+    scale_rounds: int
+    memory_calls: int
+    memory_every: int = 500
+
+
+_FULL = _Sizes(10, 1000, (1, 2, 4, 8, 16), 3.0, 3, (10_000, 100_000, 1_000_000), 500, 3, 10_000)
+_QUICK = _Sizes(5, 300, (1, 2, 4, 8, 16), 1.5, 1, (10_000, 100_000), 200, 1, 2000)
+_SMOKE = _Sizes(1, 20, (2,), 0.3, 1, (1_000, 2_000), 20, 1, 200, memory_every=50)
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -74,15 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run the selected parts; exit 1 when any goal is missed."""
     args = _args(argv)
     parts = args.only or list(PARTS)
-    quick = args.quick
-    smoke = args.smoke
-    scale_max = args.scale_max or (100_000 if quick else 1_000_000)
-    sizes = [n for n in (10_000, 100_000, 1_000_000) if n <= scale_max] or [scale_max]
-    if smoke:
-        sizes = [1_000, 2_000]
-    workers = [int(w) for w in args.workers.split(",")] if args.workers else [1, 2, 4, 8, 16]
-    if smoke and not args.workers:
-        workers = [2]
+    mode = _SMOKE if args.smoke else _QUICK if args.quick else _FULL
+    sizes = list(mode.scale_sizes)
+    if args.scale_max:
+        sizes = [n for n in (10_000, 100_000, 1_000_000) if n <= args.scale_max] or [args.scale_max]
+    workers = [int(w) for w in args.workers.split(",")] if args.workers else list(mode.claim_workers)
     info = machine()
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
     results: list[Result] = []
@@ -96,15 +114,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"-- {part} ...", file=sys.stderr, flush=True)
         try:
             if part == "startup":
-                results += startup.run(ws, repeats=1 if smoke else 5 if quick else 10)
+                results += startup.run(ws, repeats=mode.startup_repeats)
             elif part == "latency":
-                results += asyncio.run(latency.run(ws, calls=20 if smoke else 300 if quick else 1000))
+                results += asyncio.run(latency.run(ws, calls=mode.latency_calls))
             elif part == "claims":
                 pg_url: str | None = None
                 kwargs: dict[str, Any] = {
                     "worker_counts": workers,
-                    "seconds": 0.3 if smoke else 1.5 if quick else 3.0,
-                    "rounds": 1 if quick or smoke else 3,  # an odd count: the median is a real round
+                    "seconds": mode.claim_seconds,
+                    "rounds": mode.claim_rounds,
                 }
                 admin = args.postgres_url or postgres_admin_url()
                 if args.postgres and admin:
@@ -115,18 +133,10 @@ def main(argv: list[str] | None = None) -> int:
                         print("no PostgreSQL URL: skipping the PostgreSQL runs", file=sys.stderr)
                     results += claims.run(ws, **kwargs)
             elif part == "scale":
-                found, plans = scale.run(
-                    ws,
-                    sizes=sizes,
-                    calls=20 if smoke else 200 if quick else 500,
-                    rounds=1 if quick or smoke else 3,
-                )
+                found, plans = scale.run(ws, sizes=sizes, calls=mode.scale_calls, rounds=mode.scale_rounds)
                 results += found
             elif part == "memory":
-                if smoke:
-                    results += asyncio.run(memory.run(ws, calls=200, every=50))
-                else:
-                    results += asyncio.run(memory.run(ws, calls=2000 if quick else 10_000))
+                results += asyncio.run(memory.run(ws, calls=mode.memory_calls, every=mode.memory_every))
         except Exception as exc:  # one broken part must not lose the others' figures
             failed.append(part)
             print(f"-- {part} FAILED: {exc!r}", file=sys.stderr, flush=True)
