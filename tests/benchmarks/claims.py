@@ -1,8 +1,14 @@
 """Part 3, claim throughput: W worker processes drain one directory, each claim followed by a complete.
 
 Three ways, each W in its own processes: a raw driver loop (the floor: SQLite ``BEGIN IMMEDIATE`` +
-``UPDATE ... WHERE id = (SELECT ...) RETURNING``; PostgreSQL the same with ``FOR UPDATE SKIP LOCKED``),
+``UPDATE ... WHERE id = (SELECT ...) RETURNING *``; PostgreSQL the same with ``FOR UPDATE SKIP LOCKED``),
 the TaskService directly, and end to end through one stdio server per worker.
+
+The floor does what the tools promise: the claim and the complete each hand back the task row (a
+worker needs its prompt; ``acquire_task`` and ``complete_task`` return the Task), each writes its
+history row, and a complete that matches no held task counts as an error. Until 2026-11-30 the floor
+returned only the id (``RETURNING id``): about a quarter fewer instructions per pair than with the
+row, a cost the service cannot avoid under its contract (README, Benchmarks).
 """
 
 from __future__ import annotations
@@ -43,10 +49,11 @@ UPDATE tasks SET status = 'in_progress', worker_id = ?, attempts = attempts + 1,
   started_at = ?, updated_at = ?, lease_expires_at = ?, lease_seconds = 900
 WHERE id = (SELECT id FROM tasks WHERE work_directory = ? AND status = 'pending'
             ORDER BY priority, created_at, id LIMIT 1) AND status = 'pending'
-RETURNING id"""
+RETURNING *"""
 _SQLITE_DONE = """
 UPDATE tasks SET status = 'completed', result = '"done"', updated_at = ?, completed_at = ?,
-  lease_expires_at = NULL WHERE id = ? AND status = 'in_progress' AND worker_id = ?"""
+  lease_expires_at = NULL WHERE id = ? AND status = 'in_progress' AND worker_id = ?
+RETURNING *"""
 _SQLITE_HISTORY = (
     "INSERT INTO task_history (task_id, from_status, to_status, worker_id, at) VALUES (?,?,?,?,?)"
 )
@@ -56,10 +63,11 @@ UPDATE tasks SET status = 'in_progress', worker_id = %s, attempts = attempts + 1
   started_at = %s, updated_at = %s, lease_expires_at = %s, lease_seconds = 900
 WHERE id = (SELECT id FROM tasks WHERE work_directory = %s AND status = 'pending'
             ORDER BY priority, created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED) AND status = 'pending'
-RETURNING id"""
+RETURNING *"""
 _PG_DONE = """
 UPDATE tasks SET status = 'completed', result = '"done"', updated_at = %s, completed_at = %s,
-  lease_expires_at = NULL WHERE id = %s AND status = 'in_progress' AND worker_id = %s"""
+  lease_expires_at = NULL WHERE id = %s AND status = 'in_progress' AND worker_id = %s
+RETURNING *"""
 _PG_HISTORY = (
     "INSERT INTO task_history (task_id, from_status, to_status, worker_id, at) VALUES (%s,%s,%s,%s,%s)"
 )
@@ -93,7 +101,8 @@ def _raw_sqlite_worker(index: int, url: str, barrier: Any, out: Any, seconds: fl
                 break
             started = time.perf_counter()
             conn.execute("BEGIN IMMEDIATE")
-            conn.execute(_SQLITE_DONE, (stamp, stamp, row[0], worker))
+            if conn.execute(_SQLITE_DONE, (stamp, stamp, row[0], worker)).fetchone() is None:
+                raise sqlite3.Error("the complete matched no task held by this worker")
             conn.execute(_SQLITE_HISTORY, (row[0], "in_progress", "completed", worker, stamp))
             conn.execute("COMMIT")
             calls.append(time.perf_counter() - started)
@@ -130,7 +139,8 @@ def _raw_pg_worker(index: int, url: str, barrier: Any, out: Any, seconds: float)
                 break
             started = time.perf_counter()
             with conn.transaction():
-                conn.execute(_PG_DONE, (now, now, row[0], worker))
+                if conn.execute(_PG_DONE, (now, now, row[0], worker)).fetchone() is None:
+                    raise psycopg.Error("the complete matched no task held by this worker")
                 conn.execute(_PG_HISTORY, (row[0], "in_progress", "completed", worker, now))
             calls.append(time.perf_counter() - started)
             claimed.append(row[0])
