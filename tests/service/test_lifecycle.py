@@ -92,6 +92,25 @@ def test_complete_stores_result_and_history(service: TaskService, clock: FakeClo
     ]
 
 
+def test_acquire_and_complete_return_the_task_as_stored(service: TaskService, clock: FakeClock) -> None:
+    # What the worker is handed is what is stored: every field equals what get_task reads after,
+    # on a retried task (attempts and error carried), down to the JSON (PostgreSQL's key order).
+    created = service.create_task(DIR, "do it\nwell", "high", ["a", "b"], 3)
+    service.acquire_task(DIR, "w1")
+    service.fail_task(created.task_id, "flaky", "w1")
+    clock.advance(1.5)
+    claimed = service.acquire_task(DIR, "w2", lease_seconds=120)
+    assert claimed is not None
+    stored = service.get_task(created.task_id)
+    assert claimed.model_dump() == stored.model_dump(exclude={"history"})
+    assert (claimed.attempts, claimed.error, claimed.tags) == (2, "flaky", ["a", "b"])
+    clock.advance(0.25)
+    done = service.complete_task(created.task_id, {"z": 1, "a": [1.5, None, "x"]}, "w2")
+    stored = service.get_task(created.task_id)
+    assert done.model_dump() == stored.model_dump(exclude={"history"})
+    assert done.model_dump_json() == stored.model_dump_json(exclude={"history"})
+
+
 def test_string_result_round_trips(service: TaskService) -> None:
     created = service.create_task(DIR, "p")
     service.acquire_task(DIR, "w1")
