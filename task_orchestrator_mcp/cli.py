@@ -9,9 +9,13 @@ import argparse
 import contextlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from task_orchestrator_mcp import __version__
+
+if TYPE_CHECKING:
+    from task_orchestrator_mcp.settings import Settings
 
 PROG = "task-orchestrator-mcp"
 
@@ -31,6 +35,12 @@ def _parser() -> argparse.ArgumentParser:
         "--log-level", help="TRACE, DEBUG, INFO (default), WARNING, ERROR (env TASK_ORCHESTRATOR_LOG_LEVEL)"
     )
     parser.add_argument("--log-file", help="log here instead of stderr (env TASK_ORCHESTRATOR_LOG_FILE)")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="open the database (creating or upgrading its schema), say where it is, and exit: "
+        "0 if it can be used, 1 if not",
+    )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     return parser
 
@@ -42,7 +52,8 @@ def _fail(message: str, code: int) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Serve until the client closes stdin. Exit 2 on bad settings, 1 when the database can't be used."""
+    """Serve until the client closes stdin (or, with ``--check``, only open the database). Exit 2 on bad
+    settings, 1 when the database can't be used."""
     args = _parser().parse_args(argv)
     from pydantic import ValidationError
 
@@ -79,6 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     def failed(exc: BaseException) -> int:
         return _fail(_database_failure(settings.database_url, exc), 1)
 
+    if args.check:
+        return _check(settings, failed)
+
     def fail_now(exc: BaseException) -> None:
         # The database failed to open while serving: one line, and the process ends at once, as it
         # would have before serving. Nothing was written anywhere.
@@ -103,6 +117,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if opening.error is not None:  # the client left before the open failed
         return failed(opening.error)
     return 0
+
+
+def _check(settings: Settings, failed: Callable[[BaseException], int]) -> int:
+    """``--check``: open the database as serving would (waiting for it as long as the busy timeout),
+    then one line on stderr: where it is, or why it cannot be used."""
+    from task_orchestrator_mcp.db.engine import describe
+    from task_orchestrator_mcp.db.migrate import HEAD_REVISION
+    from task_orchestrator_mcp.log import quiet
+    from task_orchestrator_mcp.server import open_database
+
+    try:
+        # The failure is the one line below, not also a warning before it.
+        with quiet("task_orchestrator_mcp.db.engine", "WARNING"):
+            database = open_database(settings)
+    except Exception as exc:
+        return failed(exc)
+    database.dispose()
+    return _fail(f"the database {describe(settings.database_url)} is ready (schema {HEAD_REVISION})", 0)
 
 
 def _database_failure(url: str, exc: BaseException) -> str:

@@ -156,6 +156,36 @@ def test_unusable_database_path_stops_with_one_line(tmp_path: Path) -> None:
     assert "cannot use the database" in proc.stderr
 
 
+def test_check_opens_the_database_and_says_where_it_is(tmp_path: Path) -> None:
+    path = tmp_path / "new" / "t.db"
+    proc = run_server_once(server_env(f"sqlite:///{path}", TASK_ORCHESTRATOR_LOG_LEVEL="WARNING"), "--check")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""
+    assert proc.stderr == f"task-orchestrator-mcp: the database sqlite:///{path} is ready (schema 0001)\n"
+    with sqlite3.connect(path) as conn:  # created and brought to head, as serving would
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0001",)]
+
+
+def test_check_reports_a_database_it_cannot_open_in_time(tmp_path: Path) -> None:
+    """What a server whose client leaves at once cannot report (it stops waiting for the open after
+    2 s): --check waits as long as the busy timeout, then says why, exit 1."""
+    path = tmp_path / "t.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("PRAGMA journal_mode = WAL")
+        holder.execute("CREATE TABLE other (x)")
+        holder.execute("BEGIN IMMEDIATE")
+        env = server_env(f"sqlite:///{path}", TASK_ORCHESTRATOR_BUSY_TIMEOUT_MS="300")
+        proc = run_server_once(env, "--check")
+    finally:
+        holder.close()
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "cannot use the database" in proc.stderr
+    assert "locked" in proc.stderr
+
+
 def test_database_failing_after_the_handshake_stops_the_server_at_once(tmp_path: Path) -> None:
     """The database opens while the server answers initialize; if it fails, the server does not
     linger (its client still holds stdin open): one line on stderr, exit 1."""
