@@ -24,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="A durable task queue for AI agents, served over MCP on stdio. "
-        "Every option can also be set as a TASK_ORCHESTRATOR_* environment variable.",
+        "Every setting can also be given as a TASK_ORCHESTRATOR_* environment variable.",
     )
     parser.add_argument(
         "--database-url",
@@ -32,7 +32,9 @@ def _parser() -> argparse.ArgumentParser:
         "default: tasks.db in your user data directory",
     )
     parser.add_argument(
-        "--log-level", help="TRACE, DEBUG, INFO (default), WARNING, ERROR (env TASK_ORCHESTRATOR_LOG_LEVEL)"
+        "--log-level",
+        help="TRACE, DEBUG, INFO (default), SUCCESS, WARNING, ERROR, CRITICAL "
+        "(env TASK_ORCHESTRATOR_LOG_LEVEL)",
     )
     parser.add_argument("--log-file", help="log here instead of stderr (env TASK_ORCHESTRATOR_LOG_FILE)")
     parser.add_argument(
