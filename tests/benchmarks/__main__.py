@@ -109,41 +109,45 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="tom-bench-"))
     ws = Workspace(root)
     failed: list[str] = []
-    for part in parts:
-        started = time.perf_counter()
-        print(f"-- {part} ...", file=sys.stderr, flush=True)
-        try:
-            if part == "startup":
-                results += startup.run(ws, repeats=mode.startup_repeats)
-            elif part == "latency":
-                results += asyncio.run(latency.run(ws, calls=mode.latency_calls))
-            elif part == "claims":
-                pg_url: str | None = None
-                kwargs: dict[str, Any] = {
-                    "worker_counts": workers,
-                    "seconds": mode.claim_seconds,
-                    "rounds": mode.claim_rounds,
-                }
-                admin = args.postgres_url or postgres_admin_url()
-                if args.postgres and admin:
-                    with fresh_postgres_database(admin) as pg_url:
-                        results += claims.run(ws, postgres_url=pg_url, **kwargs)
-                else:
-                    if args.postgres:
-                        print("no PostgreSQL URL: skipping the PostgreSQL runs", file=sys.stderr)
-                    results += claims.run(ws, **kwargs)
-            elif part == "scale":
-                found, plans = scale.run(ws, sizes=sizes, calls=mode.scale_calls, rounds=mode.scale_rounds)
-                results += found
-            elif part == "memory":
-                results += asyncio.run(memory.run(ws, calls=mode.memory_calls, every=mode.memory_every))
-        except Exception as exc:  # one broken part must not lose the others' figures
-            failed.append(part)
-            print(f"-- {part} FAILED: {exc!r}", file=sys.stderr, flush=True)
-        timings[part] = time.perf_counter() - started
-        print(f"-- {part}: {timings[part]:.0f} s", file=sys.stderr, flush=True)
-    if not args.keep:
-        shutil.rmtree(root, ignore_errors=True)
+    try:
+        for part in parts:
+            started = time.perf_counter()
+            print(f"-- {part} ...", file=sys.stderr, flush=True)
+            try:
+                if part == "startup":
+                    results += startup.run(ws, repeats=mode.startup_repeats)
+                elif part == "latency":
+                    results += asyncio.run(latency.run(ws, calls=mode.latency_calls))
+                elif part == "claims":
+                    pg_url: str | None = None
+                    kwargs: dict[str, Any] = {
+                        "worker_counts": workers,
+                        "seconds": mode.claim_seconds,
+                        "rounds": mode.claim_rounds,
+                    }
+                    admin = args.postgres_url or postgres_admin_url()
+                    if args.postgres and admin:
+                        with fresh_postgres_database(admin) as pg_url:
+                            results += claims.run(ws, postgres_url=pg_url, **kwargs)
+                    else:
+                        if args.postgres:
+                            print("no PostgreSQL URL: skipping the PostgreSQL runs", file=sys.stderr)
+                        results += claims.run(ws, **kwargs)
+                elif part == "scale":
+                    found, plans = scale.run(
+                        ws, sizes=sizes, calls=mode.scale_calls, rounds=mode.scale_rounds
+                    )
+                    results += found
+                elif part == "memory":
+                    results += asyncio.run(memory.run(ws, calls=mode.memory_calls, every=mode.memory_every))
+            except Exception as exc:  # one broken part must not lose the others' figures
+                failed.append(part)
+                print(f"-- {part} FAILED: {exc!r}", file=sys.stderr, flush=True)
+            timings[part] = time.perf_counter() - started
+            print(f"-- {part}: {timings[part]:.0f} s", file=sys.stderr, flush=True)
+    finally:  # an interrupted run leaves no databases behind (the scale ones are large)
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
     print()
     print(table(results))
     if plans:

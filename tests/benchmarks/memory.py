@@ -30,11 +30,12 @@ async def run(ws: Workspace, *, calls: int, every: int = 500) -> list[Result]:
         server = next(c for c in me.children(recursive=True) if c.pid not in before)
         samples.append((0, server.memory_info().rss / 2**20))
         directory = "/bench/memory"
-        done = 0
+        done = 0  # calls made
+        step = -1  # which kind of call comes next, in turn (not done % 8: acquire+complete is two calls)
         next_sample = every
         last_id = ""
         while done < calls:
-            step = done % 8
+            step = (step + 1) % 8
             if step in (0, 1, 2):
                 made = structured(
                     await client.call_tool(

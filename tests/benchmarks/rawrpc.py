@@ -22,9 +22,13 @@ class RawStdio:
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env
         )
         self._next_id = 1
-        self._send_raw(INITIALIZE)
-        self._read(1)
-        self._send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        try:
+            self._send_raw(INITIALIZE)
+            self._read(1)
+            self._send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        except BaseException:
+            self.close()
+            raise
 
     def _send_raw(self, data: bytes) -> None:
         assert self._proc.stdin is not None
@@ -62,12 +66,17 @@ class RawStdio:
         return structured
 
     def close(self) -> None:
-        """Close stdin, wait for the server to exit, then close its stdout."""
+        """Close stdin, wait for the server to exit (killed after 30 s), then close its stdout."""
         assert self._proc.stdin is not None
         assert self._proc.stdout is not None
-        self._proc.stdin.close()
-        self._proc.wait(timeout=30)
-        self._proc.stdout.close()
+        try:
+            self._proc.stdin.close()
+            self._proc.wait(timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            self._proc.kill()
+            self._proc.wait()
+        finally:
+            self._proc.stdout.close()
 
     def __enter__(self) -> RawStdio:
         return self

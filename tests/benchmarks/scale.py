@@ -224,4 +224,24 @@ def run(ws: Workspace, *, sizes: list[int], calls: int, rounds: int = 1) -> tupl
                         {"calls": calls * rounds, "load_seconds": measured[n]["load_seconds"]},
                     )
                 )
-    return results, measured[sizes[-1]]["plan"]
+    plan = measured[sizes[-1]]["plan"]
+    if plan:
+        results.append(plan_check(plan, sizes[-1]))
+    return results, plan
+
+
+def plan_check(plan: list[str], size: int) -> Result:
+    """The goal's "the query plans use the indexes", checked: no step of any plan reads a whole
+    table or index (``SCAN``) or sorts rows (``USE TEMP B-TREE``)."""
+    steps = [line.strip() for line in plan if line.startswith("      ")]  # plan steps, not the SQL
+    bad = [step for step in steps if step.startswith("SCAN ") or "TEMP B-TREE" in step]
+    return Result(
+        "scale",
+        f"query plan steps that scan or sort @ {size:,} (of {len(steps)})",
+        "",
+        len(bad),
+        None,
+        "none",
+        not bad,
+        {"bad_steps": bad},
+    )

@@ -42,9 +42,27 @@ TOOLS_LIST = (
 ).encode()
 
 
-def spawn_to_initialize(command: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """Seconds from spawning ``command`` to its ``initialize`` answer, and to its ``tools/list`` answer
-    (what an agent session really waits for before its first call)."""
+def _first_call(tool: str, arguments: dict[str, object]) -> bytes:
+    request = {
+        "jsonrpc": "2.0",
+        "id": 3,
+        "method": "tools/call",
+        "params": {"name": tool, "arguments": arguments},
+    }
+    return (json.dumps(request) + "\n").encode()
+
+
+# The first tool call of a session: the real server's waits for its database to be open (it answers
+# initialize and tools/list meanwhile); the floor's no-op has no database.
+FIRST_CALL = {"floor": _first_call("noop", {}), "real": _first_call("list_tasks", {"limit": 1})}
+
+
+def spawn_to_initialize(
+    command: list[str], env: dict[str, str], first_call: bytes
+) -> tuple[float, float, float]:
+    """Seconds from spawning ``command`` to its ``initialize`` answer, to its ``tools/list`` answer
+    (what an agent session really waits for before its first call), and to the answer of
+    ``first_call`` made right after (ready to work: the database open)."""
     started = time.perf_counter()
     # As a context manager, Popen closes the pipes and waits for the process however this ends.
     with subprocess.Popen(
@@ -60,16 +78,22 @@ def spawn_to_initialize(command: list[str], env: dict[str, str]) -> tuple[float,
         proc.stdin.flush()
         tools = proc.stdout.readline()
         listed = time.perf_counter() - started
+        proc.stdin.write(first_call)
+        proc.stdin.flush()
+        called = proc.stdout.readline()
+        answered = time.perf_counter() - started
         proc.stdin.close()
         proc.wait(timeout=30)
-    if b'"result"' not in line or b'"tools"' not in tools:
-        raise RuntimeError(f"{command}: no initialize/tools result: {line[:300]!r} {tools[:300]!r}")
-    return initialized, listed
+    if b'"result"' not in line or b'"tools"' not in tools or b'"isError":false' not in called:
+        raise RuntimeError(
+            f"{command}: no initialize/tools/call result: {line[:300]!r} {tools[:300]!r} {called[:300]!r}"
+        )
+    return initialized, listed, answered
 
 
 def run(ws: Workspace, *, repeats: int) -> list[Result]:
     """Median spawn-to-initialize of the real server (module and console script) and of the floor,
-    plus spawn-to-tools/list (reported, no goal)."""
+    plus spawn-to-tools/list and spawn-to-first-tool-result (reported, no goal)."""
     # As a wheel install leaves it: the package's bytecode compiled. (An editable checkout under
     # PYTHONDONTWRITEBYTECODE=1 would otherwise compile every module on every spawn.)
     compileall.compile_dir(str(PACKAGE_DIR), quiet=1)
@@ -82,18 +106,20 @@ def run(ws: Workspace, *, repeats: int) -> list[Result]:
     }
     if script:
         commands["task-orchestrator-mcp"] = [script]
+    first = {name: FIRST_CALL["floor" if name == "floor" else "real"] for name in commands}
     # One warm-up each (page cache, .pyc), then interleaved so noise hits all of them alike.
-    for command in commands.values():
-        spawn_to_initialize(command, env)
+    for name, command in commands.items():
+        spawn_to_initialize(command, env, first[name])
     init: dict[str, list[float]] = {name: [] for name in commands}
     listed: dict[str, list[float]] = {name: [] for name in commands}
+    ready: dict[str, list[float]] = {name: [] for name in commands}
     for _ in range(repeats):
         for name, command in commands.items():
-            a, b = spawn_to_initialize(command, env)
+            a, b, c = spawn_to_initialize(command, env, first[name])
             init[name].append(a)
             listed[name].append(b)
+            ready[name].append(c)
     floor_init = statistics.median(init["floor"])
-    floor_list = statistics.median(listed["floor"])
     results = []
     for name in commands:
         if name == "floor":
@@ -112,16 +138,17 @@ def run(ws: Workspace, *, repeats: int) -> list[Result]:
             )
         )
     main = "python -m task_orchestrator_mcp"
-    results.append(
-        Result(
-            "cold start",
-            f"{main} -> tools/list",
-            "s",
-            statistics.median(listed[main]),
-            floor_list,
-            "",
-            None,
-            {"samples": listed[main], "floor_samples": listed["floor"]},
+    for label, samples in (("tools/list", listed), ("first tool result (database open)", ready)):
+        results.append(
+            Result(
+                "cold start",
+                f"{main} -> {label}",
+                "s",
+                statistics.median(samples[main]),
+                statistics.median(samples["floor"]),
+                "",
+                None,
+                {"samples": samples[main], "floor_samples": samples["floor"]},
+            )
         )
-    )
     return results
