@@ -27,7 +27,7 @@ async def _time_block(call: Callable[[], Awaitable[Any]], count: int, into: list
         into.append(time.perf_counter() - started)
 
 
-# A pause after each block: the real server checkpoints its WAL on a thread once it has been quiet
+# A pause before each block: the real server checkpoints its WAL on a thread once it has been quiet
 # for 50 ms, and that disk work must not land inside the other server's timed block.
 BLOCK_PAUSE_SECONDS = 0.1
 
