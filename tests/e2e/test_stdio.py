@@ -7,6 +7,8 @@ import sqlite3
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -166,19 +168,26 @@ def test_check_opens_the_database_and_says_where_it_is(tmp_path: Path) -> None:
         assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0001",)]
 
 
-def test_check_reports_a_database_it_cannot_open_in_time(tmp_path: Path) -> None:
-    """What a server whose client leaves at once cannot report (it stops waiting for the open after
-    2 s): --check waits as long as the busy timeout, then says why, exit 1."""
-    path = tmp_path / "t.db"
+@contextmanager
+def _write_locked(path: Path) -> Iterator[None]:
+    """A new SQLite database (WAL, one table, not ours) whose write lock another process holds."""
     holder = sqlite3.connect(path, isolation_level=None)
     try:
         holder.execute("PRAGMA journal_mode = WAL")
         holder.execute("CREATE TABLE other (x)")
         holder.execute("BEGIN IMMEDIATE")
-        env = server_env(f"sqlite:///{path}", TASK_ORCHESTRATOR_BUSY_TIMEOUT_MS="300")
-        proc = run_server_once(env, "--check")
+        yield
     finally:
         holder.close()
+
+
+def test_check_reports_a_database_it_cannot_open_in_time(tmp_path: Path) -> None:
+    """What a server whose client leaves at once cannot report (it stops waiting for the open after
+    2 s): --check waits as long as the busy timeout, then says why, exit 1."""
+    path = tmp_path / "t.db"
+    with _write_locked(path):
+        env = server_env(f"sqlite:///{path}", TASK_ORCHESTRATOR_BUSY_TIMEOUT_MS="300")
+        proc = run_server_once(env, "--check")
     assert proc.returncode == 1
     assert proc.stdout == ""
     assert proc.stderr.count("\n") == 1, proc.stderr
@@ -283,11 +292,7 @@ def test_a_client_that_leaves_does_not_wait_for_a_blocked_database_open(tmp_path
     waits (up to the 30 s busy timeout). A client that closes stdin meanwhile gets the server gone
     well before that, exit 0 (it used to wait the whole busy timeout, then exit 1)."""
     path = tmp_path / "t.db"
-    holder = sqlite3.connect(path, isolation_level=None)
-    try:
-        holder.execute("PRAGMA journal_mode = WAL")
-        holder.execute("CREATE TABLE other (x)")
-        holder.execute("BEGIN IMMEDIATE")
+    with _write_locked(path):
         proc = _spawn(server_env(f"sqlite:///{path}", TASK_ORCHESTRATOR_BUSY_TIMEOUT_MS="30000"))
         assert proc.stdin is not None
         assert proc.stdout is not None
@@ -298,8 +303,6 @@ def test_a_client_that_leaves_does_not_wait_for_a_blocked_database_open(tmp_path
         code, stderr = _exit_of(proc, timeout=20)  # not the 30 s busy timeout
         proc.stdout.close()
         assert code == 0, stderr
-    finally:
-        holder.close()
 
 
 def _exit_of(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, str]:
