@@ -358,11 +358,13 @@ class TaskService:
             logger.info("lease of {} on task {} expired -> {}", task.worker_id, task.task_id, to.value)
 
     def _held(self, repo: TaskRepository, task_id: str, worker: str, action: str) -> Task:
-        """The task, locked, if ``worker`` holds it; otherwise a refusal that says why."""
-        task = _found(repo.get(task_id, for_update=True), task_id)
-        if task.status is TaskStatus.IN_PROGRESS and task.worker_id == worker:
+        """The task, locked, if ``worker`` holds it; otherwise a refusal that says why. Only a held
+        row is locked: a pending one locked while a refusal is made would be skipped by claims
+        (``SKIP LOCKED``), which would then answer that nothing is pending."""
+        task = repo.get_held(task_id, worker)
+        if task is not None:
             return task
-        raise _refusal(task, worker, action)
+        raise _refusal(_found(repo.get(task_id), task_id), worker, action)
 
     def _now(self) -> datetime:
         now = self._clock()

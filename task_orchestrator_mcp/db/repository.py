@@ -232,6 +232,15 @@ def _get(for_update: bool) -> ClauseElement:
     return stmt.with_for_update() if for_update else stmt
 
 
+def _get_held(for_update: bool) -> ClauseElement:
+    stmt = select(tasks).where(
+        tasks.c.id == bindparam("b_id"),
+        tasks.c.status == _IN_PROGRESS,
+        tasks.c.worker_id == bindparam("b_worker"),
+    )
+    return stmt.with_for_update() if for_update else stmt
+
+
 def _list_page(
     shape: tuple[bool, bool, bool, int, bool], prompt_chars: int
 ) -> ClauseElement:  # the filters present, not their values: one compiled form per combination
@@ -549,6 +558,16 @@ class TaskRepository:
         """One task by id; ``for_update`` locks its row until the transaction ends (PostgreSQL)."""
         lock = for_update and self._row_locks
         row = self._run(("get", lock), lambda: _get(lock), {"b_id": task_id}).fetchone()
+        return None if row is None else self._task(row)
+
+    def get_held(self, task_id: str, worker_id: str) -> Task | None:
+        """The task if it is in progress and held by ``worker_id``, its row locked until the
+        transaction ends (PostgreSQL, which re-checks the holder after waiting for the lock); else
+        None, and nothing locked."""
+        lock = self._row_locks
+        row = self._run(
+            ("get_held", lock), lambda: _get_held(lock), {"b_id": task_id, "b_worker": worker_id}
+        ).fetchone()
         return None if row is None else self._task(row)
 
     def lease_seconds(self, task_id: str) -> int | None:

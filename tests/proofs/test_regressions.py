@@ -5,13 +5,15 @@ from __future__ import annotations
 import base64
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import text
 
 from task_orchestrator_mcp.db.engine import Database
-from task_orchestrator_mcp.errors import InvalidInput
+from task_orchestrator_mcp.errors import InvalidInput, NotLeaseHolder
 from task_orchestrator_mcp.models import Task
 from task_orchestrator_mcp.service import MAX_DIRECTORY_BYTES, TaskService
 from tests.proofs.support import incompressible
@@ -149,3 +151,41 @@ def test_a_cursor_with_the_longest_non_ascii_filters_is_taken_back(
     assert first.next_cursor is not None
     second = service.list_tasks(cursor=first.next_cursor, limit=1)
     assert [task.prompt for task in second.tasks] == ["second"]
+
+
+def test_a_refused_heartbeat_or_fail_does_not_hide_a_pending_task_from_claims(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stale worker's heartbeat on a task that went back to pending used to lock the row while it was
+    refused; on PostgreSQL a claim meanwhile skipped it (SKIP LOCKED) and answered that nothing was
+    pending. The refusal is slowed here, inside its transaction, so that the claim lands in it."""
+    import task_orchestrator_mcp.service as service_module
+
+    service = TaskService(database, worker_id="fresh")
+    stale = TaskService(database, worker_id="stale")
+    refusing = threading.Event()
+    real_refusal = service_module._refusal
+
+    def slow_refusal(*args: Any, **kwargs: Any) -> Exception:
+        refusing.set()
+        time.sleep(0.5)  # still in the refused call's transaction
+        return real_refusal(*args, **kwargs)
+
+    monkeypatch.setattr(service_module, "_refusal", slow_refusal)
+    for refused_call in (stale.heartbeat_task, stale.fail_task):
+        task = service.create_task("/work/refused", "p")
+        refusing.clear()
+        args = (task.task_id,) if refused_call == stale.heartbeat_task else (task.task_id, "gave up")
+        caller = threading.Thread(target=_refused, args=(refused_call, *args))
+        caller.start()
+        assert refusing.wait(10)
+        claimed = service.acquire_task("/work/refused")
+        caller.join()
+        assert claimed is not None
+        assert claimed.task_id == task.task_id
+        service.complete_task(task.task_id, "done")
+
+
+def _refused(call: Callable[..., object], *args: object) -> None:
+    with pytest.raises(NotLeaseHolder):
+        call(*args)
