@@ -46,7 +46,11 @@ class TaskOrchestratorServer(MCPServer[AppState]):
                 tool.model_copy(
                     update={
                         "description": cleandoc(tool.description or ""),
-                        "input_schema": compact_schema(tool.input_schema, keep_descriptions=True),
+                        # Unknown arguments are refused (see tools._Tool): say so to the model.
+                        "input_schema": {
+                            **compact_schema(tool.input_schema, keep_descriptions=True),
+                            "additionalProperties": False,
+                        },
                         "output_schema": None
                         if tool.output_schema is None
                         else compact_schema(tool.output_schema, keep_descriptions=False),

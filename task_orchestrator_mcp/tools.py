@@ -11,15 +11,17 @@ import json
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from types import UnionType
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import anyio.to_thread
 from loguru import logger
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.tools import Tool
+from mcp.server.mcpserver.utilities.func_metadata import FuncMetadata
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
-from pydantic import BaseModel, BeforeValidator, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, Field, PrivateAttr, ValidationError
 from pydantic_core import to_json
 
 from task_orchestrator_mcp.errors import TaskOrchestratorError
@@ -126,10 +128,20 @@ _Handler = Callable[..., CallToolResult | Awaitable[CallToolResult]]
 
 class _Tool(Tool):
     """A tool whose argument errors read as one line: pydantic's own report spans several lines per
-    error, each with its error type and a documentation link, which an agent does not need."""
+    error, each with its error type and a documentation link, which an agent does not need. An
+    argument the tool does not have is refused, not ignored: a misspelt ``lease`` or ``retry `` would
+    otherwise silently take the default."""
 
     async def run(self, arguments: dict[str, Any], context: Any, convert_result: bool = False) -> Any:
         """Run the tool (see ``Tool.run``); arguments that fail validation are reported in one line."""
+        known = self.parameters.get("properties", {})
+        unknown = [name for name in arguments if name not in known]
+        if unknown:
+            names = ", ".join(_short(name) for name in unknown[:_ERRORS_SHOWN])
+            raise ToolError(
+                f"Error executing tool {self.name}: invalid arguments: unknown argument "
+                f"{names}; this tool takes {', '.join(known)}."
+            )
         try:
             return await super().run(arguments, context, convert_result)
         except ToolError as exc:
@@ -169,12 +181,60 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+class _Arguments(FuncMetadata):
+    """The SDK's argument handling, except that JSON inside a string is decoded only for arguments
+    that cannot be a string (``tags`` sent as ``'["a"]'``, as some clients do). A ``result``,
+    ``reason`` or ``worker_id`` that happens to read as JSON (``"[1, 2]"``, ``"null"``) stays the
+    text that was sent."""
+
+    _text: frozenset[str] = PrivateAttr(default=frozenset())
+
+    @classmethod
+    def of(cls, metadata: FuncMetadata) -> _Arguments:
+        """The same metadata with this pre-parse; no output model (see ``_tool``)."""
+        made = cls(
+            arg_model=metadata.arg_model,
+            output_schema=metadata.output_schema,
+            output_model=None,
+            wrap_output=metadata.wrap_output,
+        )
+        fields = metadata.arg_model.model_fields
+        made._text = frozenset(
+            key
+            for name, info in fields.items()
+            if _takes_text(info.annotation)
+            for key in (name, info.alias)
+            if key is not None
+        )
+        return made
+
+    def pre_parse_json(self, data: dict[str, Any]) -> dict[str, Any]:
+        """See ``FuncMetadata.pre_parse_json``; text arguments are left as sent."""
+        parsed = super().pre_parse_json(data)
+        return {key: data[key] if key in self._text else value for key, value in parsed.items()}
+
+
+def _takes_text(annotation: Any) -> bool:
+    """True if a string can be a valid value of ``annotation`` (str, a Literal of strings, a union or
+    Annotated holding one)."""
+    if annotation is str:
+        return True
+    args = get_args(annotation)
+    if get_origin(annotation) is Literal:
+        return any(isinstance(arg, str) for arg in args)
+    return (
+        any(_takes_text(arg) for arg in args)
+        if get_origin(annotation) in (Union, UnionType, Annotated)
+        else False
+    )
+
+
 def _tool(fn: _Handler, annotations: ToolAnnotations) -> Tool:
     tool = _Tool.from_function(fn, annotations=annotations)
     # The SDK would parse a returned result's structuredContent back into the output model only to
     # check it; ours was dumped from that very model (a third of the cost of a 50-row page). With no
     # output_model, FuncMetadata still publishes output_schema and passes the result through as is.
-    tool.fn_metadata.output_model = None
+    tool.fn_metadata = _Arguments.of(tool.fn_metadata)
     return tool
 
 

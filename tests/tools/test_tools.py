@@ -86,6 +86,40 @@ async def test_tool_list_is_exact_lean_and_annotated(client: Client) -> None:
     create = tools["create_task"].input_schema["properties"]
     assert create["priority"]["default"] == "medium"
     assert create["max_attempts"]["default"] == 3
+    for tool in tools.values():  # unknown arguments are refused, and the schema says so
+        assert tool.input_schema["additionalProperties"] is False, tool.name
+
+
+async def test_an_unknown_argument_is_refused_and_changes_nothing(client: Client) -> None:
+    # A misspelt argument used to be dropped: the call went ahead with the default in its place.
+    before = await table_snapshot(client)
+    error = await fails(client, "create_task", work_directory=DIR, prompt="p", Priority="high")
+    assert error == (
+        'Error executing tool create_task: invalid arguments: unknown argument "Priority"; this tool '
+        "takes work_directory, prompt, priority, tags, max_attempts."
+    )
+    assert await table_snapshot(client) == before
+    made = await call(client, "create_task", work_directory=DIR, prompt="p")
+    await call(client, "acquire_task", work_directory=DIR)
+    error = await fails(client, "fail_task", task_id=made["task_id"], error="e", **{"retry ": False})
+    assert 'unknown argument "retry "' in error
+    assert (await call(client, "get_task", task_id=made["task_id"]))["status"] == "in_progress"
+
+
+async def test_text_arguments_that_read_as_json_stay_text(client: Client) -> None:
+    # The SDK decodes JSON inside string arguments (for clients that send a list as its JSON text);
+    # a result, reason or worker id is text even when it reads as JSON.
+    for text in ("[1, 2]", '{"pr": 412}', "null", "true"):
+        made = await call(client, "create_task", work_directory=DIR, prompt="p", tags='["a", "b"]')
+        assert made["tags"] == ["a", "b"]  # a list sent as its JSON text is still decoded
+        claimed = await call(client, "acquire_task", work_directory=DIR, worker_id=text)
+        assert claimed["task"]["worker_id"] == text
+        done = await call(client, "complete_task", task_id=made["task_id"], result=text, worker_id=text)
+        assert done["result"] == text
+    cancelled = await call(client, "create_task", work_directory=DIR, prompt="p")
+    await call(client, "cancel_task", task_id=cancelled["task_id"], reason="null")
+    history = (await call(client, "get_task", task_id=cancelled["task_id"]))["history"]
+    assert history[-1]["details"] == {"reason": "null"}
 
 
 async def test_full_worker_loop(client: Client) -> None:
