@@ -124,18 +124,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _check(settings: Settings, failed: Callable[[BaseException], int]) -> int:
     """``--check``: open the database as serving would (waiting for it as long as the busy timeout),
     then one line on stderr: where it is, or why it cannot be used."""
+    from sqlalchemy import text
+
     from task_orchestrator_mcp.db.engine import describe
     from task_orchestrator_mcp.db.migrate import HEAD_REVISION
     from task_orchestrator_mcp.log import quiet
     from task_orchestrator_mcp.server import open_database
 
     try:
-        # The failure is the one line below, not also a warning before it.
-        with quiet("task_orchestrator_mcp.db.engine", "WARNING"):
+        # The result is the one line below: no warning before a failure, no migration's progress.
+        with (
+            quiet("task_orchestrator_mcp.db.engine", "WARNING"),
+            quiet("task_orchestrator_mcp.db.migrate", "WARNING"),
+            quiet("alembic.runtime.migration", "WARNING"),
+        ):
             database = open_database(settings)
+            try:
+                # A database at head is only read when opened: write once, so that a read-only one
+                # (file, folder, role) fails here and not on the first task.
+                with database.write() as conn:
+                    conn.execute(text("UPDATE alembic_version SET version_num = version_num"))
+            finally:
+                database.dispose()
     except Exception as exc:
         return failed(exc)
-    database.dispose()
     return _fail(f"the database {describe(settings.database_url)} is ready (schema {HEAD_REVISION})", 0)
 
 

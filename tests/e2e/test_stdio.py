@@ -14,9 +14,17 @@ from typing import Any
 
 import pytest
 from mcp import Client
+from sqlalchemy import create_engine, make_url, text
 
 from task_orchestrator_mcp.settings import Settings
-from tests.support import run_server_once, server_env, server_params, structured
+from tests.support import (
+    fresh_postgres_database,
+    postgres_admin_url,
+    run_server_once,
+    server_env,
+    server_params,
+    structured,
+)
 
 INIT = {
     "jsonrpc": "2.0",
@@ -160,12 +168,36 @@ def test_unusable_database_path_stops_with_one_line(tmp_path: Path) -> None:
 
 def test_check_opens_the_database_and_says_where_it_is(tmp_path: Path) -> None:
     path = tmp_path / "new" / "t.db"
-    proc = run_server_once(server_env(f"sqlite:///{path}", TASK_ORCHESTRATOR_LOG_LEVEL="WARNING"), "--check")
+    # At the default level: the migration's own progress lines are not printed around the result.
+    proc = run_server_once(server_env(f"sqlite:///{path}", TASK_ORCHESTRATOR_LOG_LEVEL="INFO"), "--check")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ""
     assert proc.stderr == f"task-orchestrator-mcp: the database sqlite:///{path} is ready (schema 0001)\n"
     with sqlite3.connect(path) as conn:  # created and brought to head, as serving would
         assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0001",)]
+
+
+@pytest.mark.postgres
+def test_check_refuses_a_database_it_can_read_but_not_write() -> None:
+    """A database already at head is only read when opened: --check writes once, so a read-only one
+    is reported now (exit 1), not on the first task."""
+    admin = postgres_admin_url()
+    assert admin is not None
+    with fresh_postgres_database(admin) as url:
+        assert run_server_once(server_env(url), "--check").returncode == 0
+        name = make_url(url).database
+        engine = create_engine(admin, isolation_level="AUTOCOMMIT")
+        try:
+            with engine.connect() as conn:
+                conn.execute(text(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on'))
+            proc = run_server_once(server_env(url), "--check")
+        finally:
+            with engine.connect() as conn:
+                conn.execute(text(f'ALTER DATABASE "{name}" SET default_transaction_read_only = off'))
+            engine.dispose()
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "read-only" in proc.stderr
 
 
 @contextmanager
