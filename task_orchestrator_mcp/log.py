@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from loguru import logger
 
@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 _FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <8} | {process} | {name}:{line} - {message}"
 # Extra filters consulted by the sink (see quiet()); a record is written only if all keep it.
 _filters: list[Callable[[Record], bool]] = []
+# The log file, when logging goes to one (open for the life of the process, or until reconfigured).
+_log_files: list[TextIO] = []
 
 
 class _InterceptHandler(logging.Handler):
@@ -35,11 +37,26 @@ def _keep(record: Record) -> bool:
 
 
 def configure_logging(level: str, log_file: Path | None = None) -> None:
-    """Route all logging to stderr, or to ``log_file`` when given; stdout stays the protocol's."""
+    """Route all logging to stderr, or to ``log_file`` when given; stdout stays the protocol's.
+    Raises OSError when the log file cannot be opened."""
     logger.remove()
+    while _log_files:
+        _log_files.pop().close()
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        logger.add(log_file, level=level, format=_FORMAT, filter=_keep, backtrace=False, diagnose=False)
+        # Opened here, not by loguru, which reads a path as a template: "{time}" in a file name would be
+        # filled in, and a lone brace would fail. Appended to line by line (servers may share a file).
+        stream = open(log_file, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 (kept open)
+        _log_files.append(stream)
+        logger.add(
+            stream,
+            level=level,
+            format=_FORMAT,
+            filter=_keep,
+            backtrace=False,
+            diagnose=False,
+            colorize=False,
+        )
     else:
         logger.add(
             sys.stderr,

@@ -43,10 +43,10 @@ class Settings(BaseSettings):
     max_payload_bytes: int = Field(default=MIB, ge=1024, le=256 * MIB)
     worker_id: str | None = Field(default=None, description="This server's default worker id.")
 
-    @field_validator("worker_id", mode="before")
+    @field_validator("worker_id", "log_file", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
-        # Client configurations write "" to mean "not set": the default id, as before.
+        # Client configurations write "" to mean "not set": the default, as if it were not there.
         return None if value == "" else value
 
     @field_validator("worker_id")

@@ -281,6 +281,23 @@ def test_flags_override_environment_and_log_file(tmp_path: Path) -> None:
     assert proc.stderr == ""
 
 
+def test_a_log_file_name_is_taken_as_it_is_and_empty_means_stderr(tmp_path: Path) -> None:
+    # Braces used to be read as a template by the logging library: a traceback, or a renamed file.
+    log = tmp_path / "x{y}-{time}.log"
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    proc = run_server_once(
+        server_env(url, TASK_ORCHESTRATOR_LOG_FILE=str(log), TASK_ORCHESTRATOR_LOG_LEVEL="INFO")
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert "serving MCP on stdio" in log.read_text()
+    assert sorted(p.name for p in tmp_path.glob("*.log")) == [log.name]
+    # Client configurations write "" for "not set": logs go to stderr, as with no setting.
+    proc = run_server_once(server_env(url, TASK_ORCHESTRATOR_LOG_FILE="", TASK_ORCHESTRATOR_LOG_LEVEL="INFO"))
+    assert proc.returncode == 0, proc.stderr
+    assert "serving MCP on stdio" in proc.stderr
+
+
 def test_version_flag() -> None:
     proc = run_server_once(server_env("sqlite:////tmp/unused.db"), "--version")
     assert proc.returncode == 0
