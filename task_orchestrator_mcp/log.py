@@ -42,31 +42,16 @@ def configure_logging(level: str, log_file: Path | None = None) -> None:
     logger.remove()
     while _log_files:
         _log_files.pop().close()
+    sink: TextIO = sys.stderr
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         # Opened here, not by loguru, which reads a path as a template: "{time}" in a file name would be
         # filled in, and a lone brace would fail. Appended to line by line (servers may share a file).
-        stream = open(log_file, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 (kept open)
-        _log_files.append(stream)
-        logger.add(
-            stream,
-            level=level,
-            format=_FORMAT,
-            filter=_keep,
-            backtrace=False,
-            diagnose=False,
-            colorize=False,
-        )
-    else:
-        logger.add(
-            sys.stderr,
-            level=level,
-            format=_FORMAT,
-            filter=_keep,
-            backtrace=False,
-            diagnose=False,
-            colorize=False,
-        )
+        sink = open(log_file, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 (kept open)
+        _log_files.append(sink)
+    logger.add(
+        sink, level=level, format=_FORMAT, filter=_keep, backtrace=False, diagnose=False, colorize=False
+    )
     stdlib_level = {"TRACE": "DEBUG", "SUCCESS": "INFO"}.get(level, level)
     logging.basicConfig(handlers=[_InterceptHandler()], level=stdlib_level, force=True)
     # Alembic announces each of its plugins at INFO on every migration: noise for our users.

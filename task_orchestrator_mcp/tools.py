@@ -219,14 +219,12 @@ def _takes_text(annotation: Any) -> bool:
     Annotated holding one)."""
     if annotation is str:
         return True
-    args = get_args(annotation)
-    if get_origin(annotation) is Literal:
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
         return any(isinstance(arg, str) for arg in args)
-    return (
-        any(_takes_text(arg) for arg in args)
-        if get_origin(annotation) in (Union, UnionType, Annotated)
-        else False
-    )
+    if origin in (Union, UnionType, Annotated):
+        return any(_takes_text(arg) for arg in args)
+    return False
 
 
 def _tool(fn: _Handler, annotations: ToolAnnotations) -> Tool:
