@@ -6,7 +6,7 @@ import os
 import secrets
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -67,6 +67,27 @@ def server_env(database_url: str, **extra: str) -> dict[str, str]:
     }
     env.update(extra)
     return env
+
+
+@contextmanager
+def postgres_read_only(database_url: str) -> Iterator[Callable[[], None]]:
+    """Make a PostgreSQL database read-only for every new session, as on a hot standby or a demoted
+    primary; the yielded callable makes it writable again (the operator's fix), as does leaving."""
+    admin = create_engine(database_url, isolation_level="AUTOCOMMIT")
+    name = make_url(database_url).database
+
+    def set_read_only(on: bool) -> None:
+        with admin.connect() as conn:
+            conn.execute(
+                text(f'ALTER DATABASE "{name}" SET default_transaction_read_only = {"on" if on else "off"}')
+            )
+
+    try:
+        set_read_only(True)
+        yield lambda: set_read_only(False)
+    finally:
+        set_read_only(False)
+        admin.dispose()
 
 
 def server_params(database_url: str, **extra: str) -> StdioServerParameters:

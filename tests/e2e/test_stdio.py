@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 from mcp import Client
-from sqlalchemy import create_engine, make_url, text
 
 from task_orchestrator_mcp.settings import Settings
 from tests.support import (
     fresh_postgres_database,
     postgres_admin_url,
+    postgres_read_only,
     run_server_once,
     server_env,
     server_params,
@@ -185,16 +185,8 @@ def test_check_refuses_a_database_it_can_read_but_not_write() -> None:
     assert admin is not None
     with fresh_postgres_database(admin) as url:
         assert run_server_once(server_env(url), "--check").returncode == 0
-        name = make_url(url).database
-        engine = create_engine(admin, isolation_level="AUTOCOMMIT")
-        try:
-            with engine.connect() as conn:
-                conn.execute(text(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on'))
+        with postgres_read_only(url):
             proc = run_server_once(server_env(url), "--check")
-        finally:
-            with engine.connect() as conn:
-                conn.execute(text(f'ALTER DATABASE "{name}" SET default_transaction_read_only = off'))
-            engine.dispose()
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1, proc.stderr
     assert "read-only" in proc.stderr

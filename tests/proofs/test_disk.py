@@ -30,13 +30,19 @@ from typing import Any
 
 import pytest
 from mcp import Client, StdioServerParameters
-from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from task_orchestrator_mcp.db.engine import Database
 from task_orchestrator_mcp.db.migrate import ensure_schema
 from task_orchestrator_mcp.service import TaskService
-from tests.support import error_text, server_env, server_params, sqlite_integrity_ok, structured
+from tests.support import (
+    error_text,
+    postgres_read_only,
+    server_env,
+    server_params,
+    sqlite_integrity_ok,
+    structured,
+)
 
 LAUNCHER = Path(__file__).with_name("limited_server.py")
 SERVER = [sys.executable, "-m", "task_orchestrator_mcp"]
@@ -141,22 +147,9 @@ def read_only(database_url: str, tmp_path: Path) -> Iterator[Any]:
             writable()
         return
 
-    admin = create_engine(database_url, isolation_level="AUTOCOMMIT")
-    name = url.database
-
-    def set_read_only(on: bool) -> None:
-        with admin.connect() as conn:
-            conn.execute(
-                text(f'ALTER DATABASE "{name}" SET default_transaction_read_only = {"on" if on else "off"}')
-            )
-
-    try:
-        # Every new session is read-only, as on a hot standby or a primary that was demoted.
-        set_read_only(True)
-        yield lambda: set_read_only(False)
-    finally:
-        set_read_only(False)
-        admin.dispose()
+    # Every new session is read-only, as on a hot standby or a primary that was demoted.
+    with postgres_read_only(database_url) as writable_again:
+        yield writable_again
 
 
 @pytest.mark.anyio
