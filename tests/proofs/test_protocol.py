@@ -199,6 +199,11 @@ def raw_server(database_url: str) -> Iterator[RawServer]:
         yield server
     finally:
         server.kill()
+        # The readers end once the dead process's pipes reach EOF; closing a pipe under a reader
+        # still in os.read() would fail that thread (an error reported at the test's teardown).
+        server._stop_reading.set()
+        for thread in server._threads:
+            thread.join(timeout=EXIT_DEADLINE)
         for stream in (server.process.stdin, server.process.stdout, server.process.stderr):
             if stream is not None:
                 stream.close()
