@@ -8,13 +8,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from task_orchestrator_mcp import __version__
 
 if TYPE_CHECKING:
+    import anyio
+    from mcp.server import MCPServer
+
+    from task_orchestrator_mcp.server import OpeningDatabase
     from task_orchestrator_mcp.settings import Settings
 
 PROG = "task-orchestrator-mcp"
@@ -85,6 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         return _fail(f"cannot open the log file {settings.log_file}: {exc.strerror}", 2)
 
+    import anyio
     from loguru import logger
 
     from task_orchestrator_mcp.server import OpeningDatabase, build_server
@@ -107,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.info("serving MCP on stdio")
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            build_server(settings, opening=opening).run()
+            anyio.run(_serve, build_server(settings, opening=opening), opening)
     except* (BrokenPipeError, ConnectionResetError):
         # The client left while an answer was on its way to it: nothing to serve any more, and
         # nothing acknowledged is lost (an answer it never read acknowledged nothing). Point stdout
@@ -119,6 +126,52 @@ def main(argv: Sequence[str] | None = None) -> int:
     if opening.error is not None:  # the client left before the open failed
         return failed(opening.error)
     return 0
+
+
+# After SIGINT or SIGTERM, how long shutting down may take: calls in flight end and the database is
+# closed. A call still waiting then (a write waiting out the busy timeout) is abandoned: it was never
+# answered, so nothing acknowledged is lost, and the database rolls its transaction back.
+STOP_GRACE_SECONDS = 3.0
+
+
+async def _serve(server: MCPServer[Any], opening: OpeningDatabase) -> None:
+    """Serve on stdio until the client closes stdin, or until Ctrl-C (SIGINT) or SIGTERM.
+
+    On a signal, serving is cancelled (the lifespan closes the database) and the process exits with
+    128 + the signal's number once the database is closed. It must exit itself: the SDK reads stdin on
+    a worker thread that cannot be cancelled, so with stdin still open (a terminal, or a client that
+    sends a signal before closing the pipe) the process would otherwise wait for another line."""
+    import anyio
+    from loguru import logger
+
+    async def stop_on_signal(scope: anyio.CancelScope) -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                logger.info("{} received: stopping", signal.Signals(signum).name)
+                _exit_once_closed(opening, 128 + signum)
+                scope.cancel()
+                return
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(stop_on_signal, tg.cancel_scope)
+        await server.run_stdio_async()
+        tg.cancel_scope.cancel()
+
+
+def _exit_once_closed(opening: OpeningDatabase, code: int) -> None:
+    """End the process with ``code`` when ``opening`` has closed the database, or after
+    STOP_GRACE_SECONDS, whichever comes first (from a daemon thread: the event loop may be stuck)."""
+    from loguru import logger
+
+    def wait_then_exit() -> None:
+        if opening.closed.wait(STOP_GRACE_SECONDS):
+            logger.info("stopped")
+        else:
+            logger.warning("stopping took longer than {} s: exiting now", STOP_GRACE_SECONDS)
+        sys.stderr.flush()
+        os._exit(code)
+
+    threading.Thread(target=wait_then_exit, name="exit-once-closed", daemon=True).start()
 
 
 def _check(settings: Settings, failed: Callable[[BaseException], int]) -> int:

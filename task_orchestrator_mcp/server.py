@@ -187,6 +187,7 @@ class OpeningDatabase:
         self._database: Database | None = None
         self._service: TaskService | None = None
         self.error: BaseException | None = None
+        self.closed = threading.Event()  # set once close() has returned
 
     def start(self) -> None:
         """Begin opening, on a daemon thread."""
@@ -240,6 +241,12 @@ class OpeningDatabase:
         thread closes the database itself when it is done, and a process that exits meanwhile
         takes it along (it is a daemon thread; an unfinished migration is rolled back).
         """
+        try:
+            self._close(wait_seconds)
+        finally:
+            self.closed.set()
+
+    def _close(self, wait_seconds: float) -> None:
         with self._lock:
             self._closing = True
         if self._thread is None:  # never started: nothing was opened

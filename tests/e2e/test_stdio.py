@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -364,3 +367,73 @@ def test_an_empty_worker_id_setting_means_the_default(tmp_path: Path) -> None:
     """Client configurations write "" for "not set"."""
     settings = Settings(database_url=f"sqlite:///{tmp_path / 't.db'}", worker_id="")
     assert settings.worker_id is None
+
+
+def _serving(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """A server past the handshake whose database is open (one task created), stdin left open."""
+    proc = _spawn(env)
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    call = {"name": "create_task", "arguments": {"work_directory": "/w", "prompt": "kept"}}
+    proc.stdin.write(f"{json.dumps(INIT)}\n{_rpc(2, 'tools/call', call)}\n".encode())
+    proc.stdin.flush()
+    assert b'"result"' in proc.stdout.readline()
+    assert b'"kept"' in proc.stdout.readline()
+    return proc
+
+
+def _prompts(path: Path) -> list[str]:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return [row[0] for row in conn.execute("SELECT prompt FROM tasks ORDER BY created_at")]
+
+
+@pytest.mark.parametrize(("signum", "name"), [(signal.SIGINT, "SIGINT"), (signal.SIGTERM, "SIGTERM")])
+def test_ctrl_c_or_sigterm_stops_a_server_whose_stdin_is_still_open(
+    tmp_path: Path, signum: int, name: str
+) -> None:
+    """Ctrl-C at a terminal, or SIGTERM from a client or supervisor, while stdin stays open: the server
+    closes its database and exits with 128 + the signal's number (it used to ignore Ctrl-C until the
+    next line arrived on stdin, the SDK's read of stdin being stuck on a thread)."""
+    path = tmp_path / "t.db"
+    proc = _serving(server_env(f"sqlite:///{path}", TASK_ORCHESTRATOR_LOG_LEVEL="INFO"))
+    proc.send_signal(signum)
+    code, stderr = _exit_of(proc, timeout=10)
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    proc.stdin.close()
+    proc.stdout.close()
+    assert code == 128 + signum, stderr
+    assert f"{name} received: stopping" in stderr
+    assert "stopped" in stderr
+    assert "Traceback" not in stderr, stderr
+    assert _prompts(path) == ["kept"]
+
+
+def test_a_signal_does_not_wait_for_a_call_stuck_on_the_database(tmp_path: Path) -> None:
+    """A create_task waits for a write lock another process holds (busy timeout 30 s) when SIGTERM
+    comes: the server exits within its grace period, and the call it never answered left nothing."""
+    path = tmp_path / "t.db"
+    proc = _serving(server_env(f"sqlite:///{path}", TASK_ORCHESTRATOR_BUSY_TIMEOUT_MS="30000"))
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        call = {"name": "create_task", "arguments": {"work_directory": "/w", "prompt": "never answered"}}
+        proc.stdin.write(f"{_rpc(3, 'tools/call', call)}\n".encode())
+        proc.stdin.flush()
+        time.sleep(0.5)  # the call is now waiting for the lock
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code, stderr = _exit_of(proc, timeout=20)
+        waited = time.monotonic() - started
+    finally:
+        holder.close()
+    proc.stdin.close()
+    unanswered = proc.stdout.read()
+    proc.stdout.close()
+    assert code == 128 + signal.SIGTERM, stderr
+    assert "exiting now" in stderr, stderr
+    assert waited < 15, waited  # the grace period (3 s), not the busy timeout
+    assert unanswered == b""
+    assert _prompts(path) == ["kept"]
