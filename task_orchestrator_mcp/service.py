@@ -492,11 +492,12 @@ def _tags(tags: Sequence[str]) -> list[str]:
 
 def _check_json(value: Any) -> None:  # noqa: PLR0912 - one flat type switch reads best
     """Reject what the engines would store differently: NUL, lone surrogates, NaN, huge ints, depth."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
+    # depth: how many objects and arrays enclose the item (a leaf is no level of its own).
+    stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
         item, depth = stack.pop()
-        if depth > MAX_JSON_DEPTH:
-            raise InvalidInput(f"result nests deeper than {MAX_JSON_DEPTH} levels.")
+        if depth == MAX_JSON_DEPTH and isinstance(item, dict | list):
+            raise InvalidInput(f"result nests objects and arrays deeper than {MAX_JSON_DEPTH} levels.")
         if isinstance(item, dict):
             for key, child in item.items():
                 if not isinstance(key, str):

@@ -10,7 +10,7 @@ from task_orchestrator_mcp.db.engine import Database
 from task_orchestrator_mcp.db.repository import TaskRepository
 from task_orchestrator_mcp.errors import InvalidInput, InvalidTransition, NotLeaseHolder, TaskNotFound
 from task_orchestrator_mcp.models import Priority, TaskStatus
-from task_orchestrator_mcp.service import TaskService
+from task_orchestrator_mcp.service import MAX_JSON_DEPTH, TaskService
 from tests.support import FakeClock
 
 DIR = "/work/project"
@@ -335,3 +335,24 @@ def test_a_refusal_on_a_pending_task_says_how_it_got_there(service: TaskService)
     assert "it is pending, not held by anyone" in message
     assert "back in the queue after attempt 1" in message
     assert "a failure was reported with retry" in message
+
+
+def _nested(levels: int) -> dict[str, object]:
+    """``levels`` objects and arrays inside one another, alternating, a string at the bottom."""
+    value: object = "leaf"
+    for level in range(levels - 1):
+        value = [value] if level % 2 else {"k": value}
+    return {"k": value}
+
+
+def test_a_result_may_nest_64_levels_and_no_more(service: TaskService) -> None:
+    """64 nested objects and arrays are stored and read back as given; a 65th is refused, and the task
+    stays in progress (the limit used to count the leaf as a level: 64 containers were refused)."""
+    deepest = _nested(MAX_JSON_DEPTH)
+    task = service.create_task("/w", "deep")
+    service.acquire_task("/w")
+    with pytest.raises(InvalidInput, match="deeper than 64 levels"):
+        service.complete_task(task.task_id, _nested(MAX_JSON_DEPTH + 1))
+    assert service.get_task(task.task_id).status is TaskStatus.IN_PROGRESS
+    assert service.complete_task(task.task_id, deepest).result == deepest
+    assert service.get_task(task.task_id).result == deepest
