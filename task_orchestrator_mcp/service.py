@@ -646,4 +646,5 @@ def _clip(text: str, limit: int = 500) -> str:
 
 
 def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat()
+    """A time inside history details, written as every other time the tools return: UTC, with Z."""
+    return None if value is None else value.astimezone(UTC).isoformat().replace("+00:00", "Z")

@@ -171,7 +171,10 @@ class QueueMachine(RuleBasedStateMachine):
                     to,
                     t.worker,
                     self.now,
-                    {"reason": "lease_expired", "lease_expired_at": t.lease_expires_at.isoformat()},
+                    {
+                        "reason": "lease_expired",
+                        "lease_expired_at": t.lease_expires_at.isoformat().replace("+00:00", "Z"),
+                    },
                 )
             )
             t.status = to

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime, timedelta
 
 import pytest
+from pydantic import TypeAdapter
 
 from task_orchestrator_mcp.db.engine import Database
 from task_orchestrator_mcp.db.repository import TaskRepository
@@ -179,6 +181,10 @@ def test_expired_lease_is_reclaimed_and_old_holder_fenced(service: TaskService, 
     ]
     assert history[2].details is not None
     assert history[2].details["reason"] == "lease_expired"
+    # Written as the tools write every time: the same instant, the same text as the task's field.
+    expired_at = TypeAdapter(datetime).dump_python(clock.now - timedelta(seconds=1), mode="json")
+    assert history[2].details["lease_expired_at"] == expired_at
+    assert expired_at.endswith("Z")
 
 
 def test_holder_with_expired_but_untaken_lease_may_still_finish(
