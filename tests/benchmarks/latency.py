@@ -9,6 +9,7 @@ from typing import Any
 
 import anyio
 from mcp import Client, StdioServerParameters
+from mcp.types import CallToolResult
 
 from tests.benchmarks.common import Result, Workspace, load_tasks, percentile, sqlite_url, task_rows
 from tests.benchmarks.rawrpc import RawStdio
@@ -53,8 +54,12 @@ def _check(result: Any) -> Any:
     return structured(result)
 
 
-async def measure(ws: Workspace, calls: int) -> dict[str, tuple[list[float], list[float]]]:
-    """Samples (real, floor) per operation, both servers open side by side."""
+Samples = dict[str, tuple[list[float], list[float]]]
+
+
+async def measure(ws: Workspace, calls: int) -> tuple[Samples, dict[str, float]]:
+    """Samples (real, floor) per operation, both servers open side by side; and for the reads and the
+    no-op, how long the SDK client's own check of one result takes."""
     floor_db = ws.migrated_copy("floor-latency")
     floor_env = server_env(sqlite_url(floor_db), BENCH_FLOOR_DB=str(floor_db))
     floor_params = StdioServerParameters(command=sys.executable, args=[str(FLOOR_SCRIPT)], env=floor_env)
@@ -96,12 +101,35 @@ async def measure(ws: Workspace, calls: int) -> dict[str, tuple[list[float], lis
             done = {"task_id": got["task"]["task_id"], "result": "done"}
             _check(await client.call_tool("complete_task", done))
 
-        return {
+        samples = {
             "get_task/noop": await _interleaved(get_task, noop, calls),
             "list_tasks (50 rows)/noop": await _interleaved(list_tasks, noop, calls),
             "create_task/noop_commit": await _interleaved(create_task, commit, calls),
             "acquire+complete/noop_commit x2": await _interleaved(acquire_complete, commit_twice, calls),
         }
+        checks = {
+            "get_task": await _check_seconds(client, "get_task", {"task_id": task_id}),
+            "list_tasks (50 rows)": await _check_seconds(
+                client, "list_tasks", {"work_directory": LIST_DIR, "limit": 50}
+            ),
+            "noop": await _check_seconds(fc, "noop", {}),
+        }
+        return samples, checks
+
+
+async def _check_seconds(client: Client, tool: str, arguments: dict[str, Any], rounds: int = 200) -> float:
+    """Median time the SDK client takes to check one result of ``tool`` against the tool's output
+    schema (``validate_tool_result``, which its ``call_tool`` runs on every result), in process."""
+    result = await client.call_tool(tool, arguments)
+    assert isinstance(result, CallToolResult)
+    assert not result.is_error
+    session = client.session
+    samples = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        await session.validate_tool_result(tool, result)
+        samples.append(time.perf_counter() - started)
+    return percentile(samples, 50)
 
 
 def _time_sync(call: Callable[[], Any], count: int, into: list[float]) -> None:
@@ -127,7 +155,7 @@ def _interleaved_sync(
     return real_samples, floor_samples
 
 
-def measure_raw(ws: Workspace, calls: int) -> dict[str, tuple[list[float], list[float]]]:
+def measure_raw(ws: Workspace, calls: int) -> Samples:
     """The same operations through a bare JSON-RPC pipe client: the server's cost without the SDK's."""
     floor_db = ws.migrated_copy("floor-latency-raw")
     floor_env = server_env(sqlite_url(floor_db), BENCH_FLOOR_DB=str(floor_db))
@@ -173,7 +201,7 @@ def measure_raw(ws: Workspace, calls: int) -> dict[str, tuple[list[float], list[
         }
 
 
-def _rows(client: str, measured: dict[str, tuple[list[float], list[float]]], calls: int) -> list[Result]:
+def _rows(client: str, measured: Samples, calls: int) -> list[Result]:
     results = []
     for key, (real, floor) in measured.items():
         name, floor_name = key.split("/")
@@ -195,8 +223,27 @@ def _rows(client: str, measured: dict[str, tuple[list[float], list[float]]], cal
     return results
 
 
+def _check_rows(measured: Samples, checks: dict[str, float]) -> list[Result]:
+    """The SDK client's check of one result, against the floor's p50: with a goal of 1.3x, a read
+    whose check alone (less the no-op's own) takes more than 0.3 of the floor cannot meet it, however
+    fast the server."""
+    floor_p50 = percentile(measured["get_task/noop"][1], 50) * 1000
+    return [
+        Result(
+            "latency (SDK client)",
+            f"{name}: the client's schema check of one result (vs noop p50)",
+            "ms",
+            seconds * 1000,
+            floor_p50,
+            extra={"note": "in process, median of 200"},
+        )
+        for name, seconds in checks.items()
+    ]
+
+
 async def run(ws: Workspace, *, calls: int) -> list[Result]:
-    """p50 and p99 of each tool over ``calls`` calls against its floor: SDK client, then raw JSON-RPC."""
-    return _rows("SDK client", await measure(ws, calls), calls) + _rows(
-        "raw rpc", measure_raw(ws, calls), calls
-    )
+    """p50 and p99 of each tool over ``calls`` calls against its floor: SDK client, then raw JSON-RPC;
+    and what the SDK client's check of each read's result costs on its own."""
+    measured, checks = await measure(ws, calls)
+    sdk = _rows("SDK client", measured, calls) + _check_rows(measured, checks)
+    return sdk + _rows("raw rpc", measure_raw(ws, calls), calls)
