@@ -24,6 +24,27 @@ def default_database_url() -> str:
 _URL = re.compile(r"^(?P<backend>\w+?)(?:\+\w+)?://(?P<rest>.*)$", re.DOTALL)
 
 
+def _check_sqlite_file(rest: str) -> None:
+    """Refuse an SQLite URL that does not name one plain file every server process can share."""
+    path, _, query = rest.partition("?")
+    path = path.removeprefix("/")
+    if path in ("", ":memory:"):
+        raise ValueError("an in-memory SQLite database cannot be shared; give a file path")
+    # A URI file name (file:..., or ?uri=true) can name a private in-memory database
+    # (file::memory:, mode=memory: each connection got its own, and acknowledged writes were lost)
+    # or turn off what the queue relies on (nolock=1, immutable=1). A plain path is all it needs.
+    uri = any(key.lower() == "uri" and val.lower() not in ("false", "0", "no") for key, val in _params(query))
+    if path.startswith("file:") or uri:
+        raise ValueError(
+            "SQLite URI file names (file:..., uri=true) are not supported; "
+            "give a plain file path, e.g. sqlite:////home/me/tasks.db"
+        )
+
+
+def _params(query: str) -> list[tuple[str, str]]:
+    return [(key, val) for key, _, val in (part.partition("=") for part in query.split("&") if part)]
+
+
 class Settings(BaseSettings):
     """Everything the server can be told. An invalid value stops it at start; a database that cannot
     be used (the URL is parsed fully only then) stops it right after the handshake."""
@@ -81,9 +102,8 @@ class Settings(BaseSettings):
         backend = match["backend"]
         if backend not in ("sqlite", "postgresql"):
             raise ValueError(f"unsupported database {backend!r}; use sqlite or postgresql")
-        path = match["rest"].split("?", 1)[0]
-        if backend == "sqlite" and path.removeprefix("/") in ("", ":memory:"):
-            raise ValueError("an in-memory SQLite database cannot be shared; give a file path")
+        if backend == "sqlite":
+            _check_sqlite_file(match["rest"])
         return value
 
     @property

@@ -134,6 +134,11 @@ def test_stdout_carries_only_json_rpc_at_every_log_level(tmp_path: Path, level: 
         ({"TASK_ORCHESTRATOR_LOG_LEVEL": "LOUD"}, [], "invalid setting TASK_ORCHESTRATOR_LOG_LEVEL"),
         ({"TASK_ORCHESTRATOR_DATABASE_URL": "mysql://h/db"}, [], "unsupported database 'mysql'"),
         ({"TASK_ORCHESTRATOR_DATABASE_URL": "not a url"}, [], "not a database URL"),
+        ({"TASK_ORCHESTRATOR_DATABASE_URL": "sqlite:///:memory:"}, [], "in-memory SQLite database"),
+        # URI file names: private in-memory databases (acknowledged writes were lost) or worse.
+        ({"TASK_ORCHESTRATOR_DATABASE_URL": "sqlite:///file::memory:?uri=true"}, [], "URI file names"),
+        ({"TASK_ORCHESTRATOR_DATABASE_URL": "sqlite:////tmp/t.db?mode=memory&uri=true"}, [], "URI file"),
+        ({"TASK_ORCHESTRATOR_DATABASE_URL": "sqlite:////tmp/t.db?nolock=1&URI=1"}, [], "URI file names"),
         (
             {"TASK_ORCHESTRATOR_MAX_PAYLOAD_BYTES": "-1"},
             [],
