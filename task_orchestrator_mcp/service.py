@@ -484,7 +484,8 @@ def _tags(tags: Sequence[str]) -> list[str]:
     # A dict: ordered, and a repeated tag costs one lookup (a list scan made a long list quadratic).
     clean: dict[str, None] = {}
     for raw in tags:
-        clean[_short_text(raw, "each tag", MAX_TAG_CHARS).strip()] = None
+        # Trimmed before the length check: the limit is on the tag as stored.
+        clean[_short_text(raw.strip() if isinstance(raw, str) else raw, "each tag", MAX_TAG_CHARS)] = None
         if len(clean) > MAX_TAGS:  # stop at once: the rest of a huge list is never looked at
             raise InvalidInput(f"at most {MAX_TAGS} different tags are allowed.")
     return list(clean)

@@ -12,7 +12,7 @@ from task_orchestrator_mcp.db.engine import Database
 from task_orchestrator_mcp.db.repository import TaskRepository
 from task_orchestrator_mcp.errors import InvalidInput, InvalidTransition, NotLeaseHolder, TaskNotFound
 from task_orchestrator_mcp.models import Priority, TaskStatus
-from task_orchestrator_mcp.service import MAX_JSON_DEPTH, TaskService
+from task_orchestrator_mcp.service import MAX_JSON_DEPTH, MAX_TAG_CHARS, TaskService
 from tests.support import FakeClock
 
 DIR = "/work/project"
@@ -362,3 +362,12 @@ def test_a_result_may_nest_64_levels_and_no_more(service: TaskService) -> None:
     assert service.get_task(task.task_id).status is TaskStatus.IN_PROGRESS
     assert service.complete_task(task.task_id, deepest).result == deepest
     assert service.get_task(task.task_id).result == deepest
+
+
+def test_tags_are_trimmed_then_held_to_their_limit(service: TaskService) -> None:
+    """Spaces around a tag are not part of it: a 64-character tag with a space after it is that tag
+    (it was refused as too long), and a repeat of a tag is dropped; 65 characters are refused."""
+    tag = "t" * MAX_TAG_CHARS
+    assert service.create_task(DIR, "p", tags=[f" {tag} ", tag, "b "]).tags == [tag, "b"]
+    with pytest.raises(InvalidInput, match="longer than 64"):
+        service.create_task(DIR, "p", tags=[tag + "t"])
