@@ -300,6 +300,24 @@ def test_every_request_with_an_id_is_answered(tmp_path: Path) -> None:
         assert "error" in answer
 
 
+def test_a_lone_surrogate_escape_is_answered_not_dropped(tmp_path: Path) -> None:
+    """``"\\ud800"`` is valid JSON (JavaScript's JSON.stringify writes it for a string cut inside an
+    emoji) that the SDK's parser refuses: the request used to get no answer at all. It is answered,
+    the lone surrogate read as U+FFFD; a pair stays its character, an escaped backslash stays text."""
+    with raw_server(f"sqlite:///{tmp_path / 'tasks.db'}") as server:
+        server.initialize()
+        arguments = '{"work_directory": "/p", "prompt": "cut \\ud83d | pair \\ud83d\\ude00 | text \\\\ud800"}'
+        line = '{"jsonrpc": "2.0", "id": "lone", "method": "tools/call", '
+        server.send_raw(f'{line}"params": {{"name": "create_task", "arguments": {arguments}}}}}'.encode())
+        answer = server.answer("lone")
+        assert (
+            answer["result"]["structuredContent"]["prompt"] == "cut \ufffd | pair \U0001f600 | text \\ud800"
+        )
+        assert "lone UTF-16 surrogate" in server.stderr
+        server.close_stdin()
+        assert_clean_exit(server)
+
+
 # -- notifications at odd times -------------------------------------------------------------------
 
 
