@@ -6,7 +6,6 @@ Nothing but the protocol may reach stdout once serving, so every message here go
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import signal
 import sys
@@ -17,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 from task_orchestrator_mcp import __version__
 
 if TYPE_CHECKING:
-    import anyio
     from mcp.server import MCPServer
 
     from task_orchestrator_mcp.server import OpeningDatabase
@@ -113,48 +111,65 @@ def main(argv: Sequence[str] | None = None) -> int:
     opening = OpeningDatabase(settings, on_failure=fail_now)
     logger.info("serving MCP on stdio")
     try:
-        with contextlib.suppress(KeyboardInterrupt):
+        try:
             anyio.run(_serve, build_server(settings, opening=opening), opening)
-    except* (BrokenPipeError, ConnectionResetError):
-        # The client left while an answer was on its way to it: nothing to serve any more, and
-        # nothing acknowledged is lost (an answer it never read acknowledged nothing). Point stdout
-        # at /dev/null, or the interpreter's own flush at exit reports the broken pipe again.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-        logger.info("the client closed the connection")
+        except* (BrokenPipeError, ConnectionResetError):
+            # The client left while an answer was on its way to it: nothing to serve any more, and
+            # nothing acknowledged is lost (an answer it never read acknowledged nothing). Point
+            # stdout at /dev/null, or the interpreter's own flush at exit reports the broken pipe again.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            logger.info("the client closed the connection")
+    except KeyboardInterrupt:  # Ctrl-C before our signal handler was in place: nothing was served yet
+        return 128 + signal.SIGINT
     if opening.error is not None:  # the client left before the open failed
         return failed(opening.error)
     return 0
 
 
-# After SIGINT or SIGTERM, how long shutting down may take: calls in flight end and the database is
-# closed. A call still waiting then (a write waiting out the busy timeout) is abandoned: it was never
-# answered, so nothing acknowledged is lost, and the database rolls its transaction back.
+# After SIGINT or SIGTERM, how long shutting down may take: calls in flight are cancelled (a write on
+# its thread finishes first) and the database is closed. A call still waiting then (a write waiting
+# out the busy timeout) is abandoned and its transaction rolled back. Either way no answer is sent,
+# so nothing was acknowledged: as when a client is killed, a claim made then comes back to the queue
+# when its lease ends.
 STOP_GRACE_SECONDS = 3.0
 
 
 async def _serve(server: MCPServer[Any], opening: OpeningDatabase) -> None:
     """Serve on stdio until the client closes stdin, or until Ctrl-C (SIGINT) or SIGTERM.
 
-    On a signal, serving is cancelled (the lifespan closes the database) and the process exits with
-    128 + the signal's number once the database is closed. It must exit itself: the SDK reads stdin on
-    a worker thread that cannot be cancelled, so with stdin still open (a terminal, or a client that
-    sends a signal before closing the pipe) the process would otherwise wait for another line."""
+    On a signal, serving is cancelled (calls in flight with it: their answers are not sent) and the
+    lifespan closes the database; the process then exits with 128 + the signal's number. It must exit
+    itself: the SDK reads stdin on a worker thread that cannot be cancelled, so with stdin still open (a
+    terminal, or a client that signals before closing the pipe) it would wait for another line. A
+    second signal ends the process at once."""
     import anyio
+    from anyio.abc import TaskStatus
     from loguru import logger
 
-    async def stop_on_signal(scope: anyio.CancelScope) -> None:
+    serving = anyio.CancelScope()
+
+    async def stop_on_signal(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        # Outside the serving scope, so that it still listens while serving unwinds.
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            task_status.started()
             async for signum in signals:
-                logger.info("{} received: stopping", signal.Signals(signum).name)
+                name = signal.Signals(signum).name
+                if serving.cancel_called:
+                    logger.warning("{} received again: exiting now", name)
+                    sys.stderr.flush()
+                    os._exit(128 + signum)
+                logger.info("{} received: stopping", name)
                 _exit_once_closed(opening, 128 + signum)
-                scope.cancel()
-                return
+                serving.cancel()
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(stop_on_signal, tg.cancel_scope)
-        await server.run_stdio_async()
+        # Listening before serving starts: a signal that came earlier would meet the event loop's own
+        # handler, which cancels too, but leaves the process waiting on stdin.
+        await tg.start(stop_on_signal)
+        with serving:
+            await server.run_stdio_async()
         tg.cancel_scope.cancel()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Literal
+from urllib.parse import parse_qsl, unquote
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,15 +26,20 @@ _URL = re.compile(r"^(?P<backend>\w+?)(?:\+\w+)?://(?P<rest>.*)$", re.DOTALL)
 
 
 def _check_sqlite_file(rest: str) -> None:
-    """Refuse an SQLite URL that does not name one plain file every server process can share."""
-    path, _, query = rest.partition("?")
-    path = path.removeprefix("/")
+    """Refuse an SQLite URL that does not name one plain file every server process can share. The
+    path and query are decoded as SQLAlchemy decodes them (``%66ile:`` is ``file:``)."""
+    raw_path, _, query = rest.partition("?")
+    path = unquote(raw_path).removeprefix("/")
     if path in ("", ":memory:"):
         raise ValueError("an in-memory SQLite database cannot be shared; give a file path")
-    # A URI file name (file:..., or ?uri=true) can name a private in-memory database
+    # A URI file name (file:..., or uri=true) can name a private in-memory database
     # (file::memory:, mode=memory: each connection got its own, and acknowledged writes were lost)
     # or turn off what the queue relies on (nolock=1, immutable=1). A plain path is all it needs.
-    uri = any(key.lower() == "uri" and val.lower() not in ("false", "0", "no") for key, val in _params(query))
+    # uri=false (or off, no, 0...) is SQLAlchemy's default, and harmless.
+    uri = any(
+        key.lower() == "uri" and value.strip().lower() not in _FALSE
+        for key, value in parse_qsl(query, keep_blank_values=True)
+    )
     if path.startswith("file:") or uri:
         raise ValueError(
             "SQLite URI file names (file:..., uri=true) are not supported; "
@@ -41,8 +47,8 @@ def _check_sqlite_file(rest: str) -> None:
         )
 
 
-def _params(query: str) -> list[tuple[str, str]]:
-    return [(key, val) for key, _, val in (part.partition("=") for part in query.split("&") if part)]
+# What SQLAlchemy reads as false in a URL's query (its asbool).
+_FALSE = frozenset({"false", "no", "off", "n", "f", "0"})
 
 
 class Settings(BaseSettings):

@@ -20,8 +20,13 @@ from typing import Any
 import anyio
 from loguru import logger
 
-# Any surrogate escape, lone or paired: a cheap test that almost every line fails.
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+# A surrogate escape that is not half of a pair (a high one not followed by a low one, or a low one
+# not preceded by a high one): a cheap test that almost every line fails, emoji sent as escaped pairs
+# included. It may match text that only looks like an escape (an escaped backslash before "ud800"):
+# the full decode below then finds nothing to replace.
+_HIGH = r"\\u[dD][89abAB][0-9a-fA-F]{2}"
+_LOW = r"\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+_SURROGATE_ESCAPE = re.compile(f"{_HIGH}(?!{_LOW})|(?<!{_HIGH}){_LOW}")
 # Once decoded, a paired escape is one code point: a surrogate left in a string is a lone one.
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 

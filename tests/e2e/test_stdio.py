@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import signal
 import sqlite3
@@ -139,6 +140,8 @@ def test_stdout_carries_only_json_rpc_at_every_log_level(tmp_path: Path, level: 
         ({"TASK_ORCHESTRATOR_DATABASE_URL": "sqlite:///file::memory:?uri=true"}, [], "URI file names"),
         ({"TASK_ORCHESTRATOR_DATABASE_URL": "sqlite:////tmp/t.db?mode=memory&uri=true"}, [], "URI file"),
         ({"TASK_ORCHESTRATOR_DATABASE_URL": "sqlite:////tmp/t.db?nolock=1&URI=1"}, [], "URI file names"),
+        ({"TASK_ORCHESTRATOR_DATABASE_URL": "sqlite:///%66ile::memory:?%75ri=yes"}, [], "URI file names"),
+        ({"TASK_ORCHESTRATOR_DATABASE_URL": "sqlite:///%3Amemory%3A"}, [], "in-memory SQLite database"),
         (
             {"TASK_ORCHESTRATOR_MAX_PAYLOAD_BYTES": "-1"},
             [],
@@ -414,6 +417,21 @@ def test_ctrl_c_or_sigterm_stops_a_server_whose_stdin_is_still_open(
     assert _prompts(path) == ["kept"]
 
 
+def _wait_until_a_write_waits(path: Path) -> None:
+    """Return once the server's write has waited 100 ms for SQLite's lock: it then closes the write
+    gate (an exclusive flock on ``<database>-lock``), which a shared flock here cannot get past."""
+    with open(f"{path}-lock", "rb") as gate:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                fcntl.flock(gate, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return
+            fcntl.flock(gate, fcntl.LOCK_UN)
+            time.sleep(0.01)
+    raise AssertionError("the write never waited at the gate")
+
+
 def test_a_signal_does_not_wait_for_a_call_stuck_on_the_database(tmp_path: Path) -> None:
     """A create_task waits for a write lock another process holds (busy timeout 30 s) when SIGTERM
     comes: the server exits within its grace period, and the call it never answered left nothing."""
@@ -427,7 +445,7 @@ def test_a_signal_does_not_wait_for_a_call_stuck_on_the_database(tmp_path: Path)
         call = {"name": "create_task", "arguments": {"work_directory": "/w", "prompt": "never answered"}}
         proc.stdin.write(f"{_rpc(3, 'tools/call', call)}\n".encode())
         proc.stdin.flush()
-        time.sleep(0.5)  # the call is now waiting for the lock
+        _wait_until_a_write_waits(path)
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         code, stderr = _exit_of(proc, timeout=20)
