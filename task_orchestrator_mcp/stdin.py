@@ -1,4 +1,11 @@
-"""The server's stdin for the SDK's stdio transport: its lines, with one repair.
+"""The server's stdin for the SDK's stdio transport: its lines, with one repair, and an end that waits
+for the calls in flight.
+
+When stdin ends, the SDK cancels every request still running, and its answer is never written: a
+client that sends its requests and then closes stdin (``printf ... | task-orchestrator-mcp``, or any
+client that half-closes the pipe) got no answer to a call that had been carried out. So the end of
+stdin is passed on only once no tool call has been running for a moment (at most
+:data:`EOF_WAIT_SECONDS`).
 
 A JSON string may escape a lone UTF-16 surrogate (``"\\ud800"``): valid JSON by its grammar, and what
 JavaScript's ``JSON.stringify`` writes for a string cut in the middle of an emoji. The SDK parses each
@@ -14,6 +21,8 @@ import contextlib
 import json
 import re
 import sys
+import time
+from collections.abc import Iterator
 from io import TextIOWrapper
 from typing import Any
 
@@ -60,13 +69,63 @@ def repair_line(line: str) -> str:
     return json.dumps(fixed, ensure_ascii=False) + "\n"
 
 
+# How long the end of stdin waits for tool calls to finish; how long none must have run before.
+EOF_WAIT_SECONDS = 30.0
+_IDLE_SECONDS = 0.05
+
+
+class CallsInFlight:
+    """The tool calls this process is running. Counted on the event loop (``with CALLS.one():``),
+    waited for from stdin's reader thread."""
+
+    def __init__(self) -> None:
+        self._running = 0
+        self._started = 0  # ever: a call that starts and ends between two looks is still seen
+
+    @contextlib.contextmanager
+    def one(self) -> Iterator[None]:
+        """Count one call while the block runs."""
+        self._running += 1
+        self._started += 1
+        try:
+            yield
+        finally:
+            self._running -= 1
+
+    def wait_until_idle(self, timeout: float, idle: float = _IDLE_SECONDS) -> bool:
+        """True once no call has run for ``idle`` seconds (the last one's answer written meanwhile,
+        and a request read just before has started); False after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        seen = -1
+        while time.monotonic() < deadline:
+            started = self._started
+            if self._running == 0 and started == seen:
+                return True
+            seen = started if self._running == 0 else -1
+            time.sleep(idle)
+        return False
+
+
+CALLS = CallsInFlight()
+
+
+def _wait_for_calls() -> None:
+    if not CALLS.wait_until_idle(EOF_WAIT_SECONDS):
+        logger.warning("stdin closed; calls still running after {} s are cancelled", EOF_WAIT_SECONDS)
+
+
 class _RepairedLines(TextIOWrapper):
     """stdin as UTF-8 text (bytes that are not UTF-8 read as U+FFFD, as the SDK reads them), line by
-    line through :func:`repair_line`. Closing it leaves ``sys.stdin`` open."""
+    line through :func:`repair_line`; its end comes once the calls in flight are done. Closing it
+    leaves ``sys.stdin`` open."""
 
     def readline(self, size: int = -1, /) -> str:  # type: ignore[override]  # as typeshed has it
-        """The next line, repaired."""
-        return repair_line(super().readline(size))
+        """The next line, repaired; at the end, "" once the calls in flight are done."""
+        line = super().readline(size)
+        if not line:
+            _wait_for_calls()
+            return line
+        return repair_line(line)
 
     def close(self) -> None:
         """Let go of the buffer without closing it: it is ``sys.stdin``'s."""

@@ -33,6 +33,7 @@ from task_orchestrator_mcp.models import (
     TaskPage,
     TaskWithHistory,
 )
+from task_orchestrator_mcp.stdin import CALLS
 
 if TYPE_CHECKING:
     from task_orchestrator_mcp.service import TaskService
@@ -143,7 +144,8 @@ class _Tool(Tool):
                 f"{names}; this tool takes {', '.join(known)}."
             )
         try:
-            return await super().run(arguments, context, convert_result)
+            with CALLS.one():  # the end of stdin waits for it (see stdin.py)
+                return await super().run(arguments, context, convert_result)
         except ToolError as exc:
             cause = exc.__cause__
             # The SDK's own check of the arguments (its model is "<tool>Arguments"), not an error

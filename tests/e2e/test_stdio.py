@@ -460,3 +460,36 @@ def test_a_signal_does_not_wait_for_a_call_stuck_on_the_database(tmp_path: Path)
     assert waited < 15, waited  # the grace period (3 s), not the busy timeout
     assert unanswered == b""
     assert _prompts(path) == ["kept"]
+
+
+def test_a_client_that_closes_stdin_after_its_requests_gets_every_answer(tmp_path: Path) -> None:
+    """``printf requests | task-orchestrator-mcp``: stdin ends right after the requests. Each gets its
+    answer before the server exits 0 (the SDK cancels what is still running at the end of stdin: the
+    create_task below was carried out but never answered)."""
+    calls = [
+        ("create_task", {"work_directory": "/w", "prompt": "piped"}),
+        ("create_task", {"work_directory": "/w", "prompt": "piped too"}),
+        ("acquire_task", {"work_directory": "/w"}),
+        ("list_tasks", {}),
+    ]
+    requests = [json.dumps(INIT), json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"})]
+    requests += [
+        _rpc(n, "tools/call", {"name": name, "arguments": args}) for n, (name, args) in enumerate(calls, 2)
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "task_orchestrator_mcp"],
+        input="\n".join(requests) + "\n",
+        capture_output=True,
+        text=True,
+        env=server_env(f"sqlite:///{tmp_path / 't.db'}"),
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    answers = {message["id"]: message for message in map(json.loads, proc.stdout.splitlines())}
+    assert sorted(answers) == [1, 2, 3, 4, 5]
+    assert all("result" in answer and not answer["result"].get("isError") for answer in answers.values())
+    # The calls run concurrently, in no set order: the claim may come before either task exists.
+    created = {answers[n]["result"]["structuredContent"]["task_id"] for n in (2, 3)}
+    claimed = answers[4]["result"]["structuredContent"]["task"]
+    assert claimed is None or claimed["task_id"] in created
