@@ -11,6 +11,7 @@ import json
 import math
 import os
 import posixpath
+import re
 import secrets
 import socket
 from collections.abc import Callable, Sequence
@@ -387,7 +388,7 @@ class TaskService:
     def _check_text(self, value: str, name: str, *, allow_empty: bool = False) -> str:
         if not isinstance(value, str):
             raise InvalidInput(f"{name} must be a string.")
-        if not allow_empty and not value.strip():
+        if not allow_empty and not value.strip().strip(_INVISIBLE):
             raise InvalidInput(f"{name} must not be empty or only whitespace.")
         size = len(_utf8(value, name))
         if size > self._max_payload:
@@ -415,6 +416,11 @@ class TaskService:
 # -- pure helpers (rules on values) ---------------------------------------------------------------
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+# Characters that show nothing and that str.strip() keeps: a prompt of only these is empty too.
+_INVISIBLE = "\u200b\u200c\u200d\u2060\ufeff"
+
+
 def normalise_directory(path: str) -> str:
     """An absolute directory, normalised lexically (``/a/./b/`` -> ``/a/b``); the disk is not read."""
     if not isinstance(path, str) or not path.strip():
@@ -424,6 +430,13 @@ def normalise_directory(path: str) -> str:
         raise InvalidInput("work_directory must not contain NUL characters.")
     if size > MAX_DIRECTORY_BYTES:
         raise InvalidInput(f"work_directory is {size} bytes as UTF-8; the limit is {MAX_DIRECTORY_BYTES}.")
+    # Legal in a POSIX name, but "/repo\n" (pwd's output, pasted) would be a queue of its own that
+    # nobody working in /repo ever finds.
+    if _CONTROL.search(path):
+        raise InvalidInput(
+            "work_directory must not contain control characters (newline, tab...); "
+            f"got {_clip(repr(path), 80)}."
+        )
     if not path.startswith("/"):
         raise InvalidInput(f"work_directory must be absolute (start with /); got {_clip(path, 80)!r}.")
     normal = posixpath.normpath(path)

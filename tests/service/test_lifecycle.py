@@ -371,3 +371,23 @@ def test_tags_are_trimmed_then_held_to_their_limit(service: TaskService) -> None
     assert service.create_task(DIR, "p", tags=[f" {tag} ", tag, "b "]).tags == [tag, "b"]
     with pytest.raises(InvalidInput, match="longer than 64"):
         service.create_task(DIR, "p", tags=[tag + "t"])
+
+
+@pytest.mark.parametrize("directory", ["/repo\n", "/re\tpo", "/repo\r", "/repo\x1b[0m"])
+def test_a_work_directory_with_control_characters_is_refused(service: TaskService, directory: str) -> None:
+    """``/repo\\n`` (pwd's output pasted with its newline) would be a queue nobody in /repo finds."""
+    with pytest.raises(InvalidInput, match="control characters"):
+        service.create_task(directory, "p")
+    with pytest.raises(InvalidInput, match="control characters"):
+        service.acquire_task(directory)
+    assert service.list_tasks().tasks == []
+
+
+@pytest.mark.parametrize("text", ["\u200b", " \ufeff\u200b\t", "\u2060"])
+def test_a_prompt_or_error_of_only_invisible_characters_is_empty(service: TaskService, text: str) -> None:
+    with pytest.raises(InvalidInput, match="empty"):
+        service.create_task(DIR, text)
+    task = service.create_task(DIR, "p")
+    service.acquire_task(DIR)
+    with pytest.raises(InvalidInput, match="empty"):
+        service.fail_task(task.task_id, text)
