@@ -128,25 +128,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-# After SIGINT or SIGTERM, how long shutting down may take: calls in flight are cancelled (a write on
-# its thread finishes first) and the database is closed. A call still waiting then (a write waiting
-# out the busy timeout) is abandoned and its transaction rolled back. Either way no answer is sent,
-# so nothing was acknowledged: as when a client is killed, a claim made then comes back to the queue
+# After SIGINT or SIGTERM: new tool calls are refused, those running get FINISH_CALLS_SECONDS to finish
+# and be answered, then serving is cancelled (a write on its thread still ends first) and the database
+# is closed. Past STOP_GRACE_SECONDS in all, the process exits anyway: a write still waiting then (out
+# the busy timeout) is abandoned unanswered and rolled back. A cancelled call is not answered either,
+# so nothing was acknowledged; as when a client is killed, a claim made then comes back to the queue
 # when its lease ends.
+FINISH_CALLS_SECONDS = 2.0
 STOP_GRACE_SECONDS = 3.0
 
 
 async def _serve(server: MCPServer[Any], opening: OpeningDatabase) -> None:
     """Serve on stdio until the client closes stdin, or until Ctrl-C (SIGINT) or SIGTERM.
 
-    On a signal, serving is cancelled (calls in flight with it: their answers are not sent) and the
-    lifespan closes the database; the process then exits with 128 + the signal's number. It must exit
-    itself: the SDK reads stdin on a worker thread that cannot be cancelled, so with stdin still open (a
-    terminal, or a client that signals before closing the pipe) it would wait for another line. A
-    second signal ends the process at once."""
+    On a signal, the calls running finish and are answered (new ones are refused), serving is
+    cancelled and the lifespan closes the database; the process then exits with 128 + the signal's
+    number. It must exit itself: the SDK reads stdin on a worker thread that cannot be cancelled, so
+    with stdin still open (a terminal, or a client that signals before closing the pipe) it would wait
+    for another line. A second signal ends the process at once."""
     import anyio
     from anyio.abc import TaskStatus
     from loguru import logger
+
+    from task_orchestrator_mcp.stdin import CALLS
 
     serving = anyio.CancelScope()
 
@@ -162,7 +166,15 @@ async def _serve(server: MCPServer[Any], opening: OpeningDatabase) -> None:
                     os._exit(128 + signum)
                 logger.info("{} received: stopping", name)
                 _exit_once_closed(opening, 128 + signum)
-                serving.cancel()
+                tg.start_soon(finish_calls_then_stop)
+
+    async def finish_calls_then_stop() -> None:
+        CALLS.stopping = True  # new calls are refused; those running finish and are answered
+        with anyio.move_on_after(FINISH_CALLS_SECONDS) as waiting:
+            await CALLS.until_idle()
+        if waiting.cancelled_caught:
+            logger.warning("calls still running after {} s are cancelled", FINISH_CALLS_SECONDS)
+        serving.cancel()
 
     async with anyio.create_task_group() as tg:
         # Listening before serving starts: a signal that came earlier would meet the event loop's own

@@ -75,12 +75,14 @@ _IDLE_SECONDS = 0.05
 
 
 class CallsInFlight:
-    """The tool calls this process is running. Counted on the event loop (``with CALLS.one():``),
-    waited for from stdin's reader thread."""
+    """The tool calls this process is running. Counted on the event loop (``with CALLS.one():``);
+    waited for there (a signal, see ``cli``) or from stdin's reader thread (its end). Once
+    ``stopping``, new calls are refused."""
 
     def __init__(self) -> None:
         self._running = 0
         self._started = 0  # ever: a call that starts and ends between two looks is still seen
+        self.stopping = False
 
     @contextlib.contextmanager
     def one(self) -> Iterator[None]:
@@ -92,18 +94,29 @@ class CallsInFlight:
         finally:
             self._running -= 1
 
+    def _look(self, seen: int) -> tuple[bool, int]:
+        """(idle, what to pass next time): idle once no call has run between this look and the last."""
+        started = self._started
+        if self._running == 0 and started == seen:
+            return True, seen
+        return False, started if self._running == 0 else -1
+
     def wait_until_idle(self, timeout: float, idle: float = _IDLE_SECONDS) -> bool:
         """True once no call has run for ``idle`` seconds (the last one's answer written meanwhile,
-        and a request read just before has started); False after ``timeout`` seconds."""
+        and a request read just before has started); False after ``timeout`` seconds. Blocks."""
         deadline = time.monotonic() + timeout
-        seen = -1
-        while time.monotonic() < deadline:
-            started = self._started
-            if self._running == 0 and started == seen:
-                return True
-            seen = started if self._running == 0 else -1
+        done, seen = self._look(-1)
+        while not done and time.monotonic() < deadline:
             time.sleep(idle)
-        return False
+            done, seen = self._look(seen)
+        return done
+
+    async def until_idle(self, idle: float = _IDLE_SECONDS) -> None:
+        """:meth:`wait_until_idle` on the event loop, with no time limit of its own."""
+        done, seen = self._look(-1)
+        while not done:
+            await anyio.sleep(idle)
+            done, seen = self._look(seen)
 
 
 CALLS = CallsInFlight()

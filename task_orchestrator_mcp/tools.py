@@ -143,8 +143,10 @@ class _Tool(Tool):
                 f"Error executing tool {self.name}: invalid arguments: unknown argument "
                 f"{names}; this tool takes {', '.join(known)}."
             )
+        if CALLS.stopping:
+            raise ToolError(f"Error executing tool {self.name}: the server is stopping; nothing was done.")
         try:
-            with CALLS.one():  # the end of stdin waits for it (see stdin.py)
+            with CALLS.one():  # a signal, or the end of stdin, waits for it (see stdin.py)
                 return await super().run(arguments, context, convert_result)
         except ToolError as exc:
             cause = exc.__cause__

@@ -493,3 +493,41 @@ def test_a_client_that_closes_stdin_after_its_requests_gets_every_answer(tmp_pat
     created = {answers[n]["result"]["structuredContent"]["task_id"] for n in (2, 3)}
     claimed = answers[4]["result"]["structuredContent"]["task"]
     assert claimed is None or claimed["task_id"] in created
+
+
+def test_a_signal_lets_the_calls_running_finish_and_answers_them(tmp_path: Path) -> None:
+    """SIGTERM while a create_task waits for a lock another process holds, which it lets go 0.8 s later:
+    that call finishes and is answered, a call sent after the signal is refused, then exit 143 (the
+    running call used to be cancelled, its write committed and its answer never sent)."""
+    path = tmp_path / "t.db"
+    env = server_env(f"sqlite:///{path}", TASK_ORCHESTRATOR_LOG_LEVEL="INFO")
+    proc = _serving(env)
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        running = {"name": "create_task", "arguments": {"work_directory": "/w", "prompt": "running"}}
+        proc.stdin.write(f"{_rpc(3, 'tools/call', running)}\n".encode())
+        proc.stdin.flush()
+        _wait_until_a_write_waits(path)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)  # the server has seen the signal
+        late = {"name": "create_task", "arguments": {"work_directory": "/w", "prompt": "too late"}}
+        proc.stdin.write(f"{_rpc(4, 'tools/call', late)}\n".encode())
+        proc.stdin.flush()
+        time.sleep(0.3)
+    finally:
+        holder.close()
+    code, stderr = _exit_of(proc, timeout=20)
+    proc.stdin.close()
+    answers = {
+        message["id"]: message["result"] for message in map(json.loads, proc.stdout.read().splitlines())
+    }
+    proc.stdout.close()
+    assert code == 128 + signal.SIGTERM, stderr
+    assert "stopped" in stderr, stderr
+    assert answers[3]["structuredContent"]["prompt"] == "running"
+    assert answers[4]["isError"] is True
+    assert "the server is stopping" in answers[4]["content"][0]["text"]
+    assert _prompts(path) == ["kept", "running"]
