@@ -160,16 +160,16 @@ async def _serve(server: MCPServer[Any], opening: OpeningDatabase) -> None:
             task_status.started()
             async for signum in signals:
                 name = signal.Signals(signum).name
-                if serving.cancel_called:
+                if CALLS.stopping:
                     logger.warning("{} received again: exiting now", name)
                     sys.stderr.flush()
                     os._exit(128 + signum)
                 logger.info("{} received: stopping", name)
+                CALLS.stopping = True  # new calls are refused; those running finish and are answered
                 _exit_once_closed(opening, 128 + signum)
                 tg.start_soon(finish_calls_then_stop)
 
     async def finish_calls_then_stop() -> None:
-        CALLS.stopping = True  # new calls are refused; those running finish and are answered
         with anyio.move_on_after(FINISH_CALLS_SECONDS) as waiting:
             await CALLS.until_idle()
         if waiting.cancelled_caught:

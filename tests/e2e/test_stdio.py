@@ -531,3 +531,32 @@ def test_a_signal_lets_the_calls_running_finish_and_answers_them(tmp_path: Path)
     assert answers[4]["isError"] is True
     assert "the server is stopping" in answers[4]["content"][0]["text"]
     assert _prompts(path) == ["kept", "running"]
+
+
+def test_a_second_signal_exits_at_once(tmp_path: Path) -> None:
+    """Ctrl-C twice while a call waits on a lock: the second one does not wait out the grace period."""
+    path = tmp_path / "t.db"
+    proc = _serving(server_env(f"sqlite:///{path}", TASK_ORCHESTRATOR_BUSY_TIMEOUT_MS="30000"))
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        call = {"name": "create_task", "arguments": {"work_directory": "/w", "prompt": "stuck"}}
+        proc.stdin.write(f"{_rpc(3, 'tools/call', call)}\n".encode())
+        proc.stdin.flush()
+        _wait_until_a_write_waits(path)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        code, stderr = _exit_of(proc, timeout=20)
+        waited = time.monotonic() - started
+    finally:
+        holder.close()
+    proc.stdin.close()
+    proc.stdout.close()
+    assert code == 128 + signal.SIGINT, stderr
+    assert "SIGINT received again: exiting now" in stderr, stderr
+    assert waited < 1.5, waited  # not the 2 s given to running calls, nor the 3 s grace
+    assert _prompts(path) == ["kept"]
