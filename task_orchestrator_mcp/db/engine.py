@@ -291,8 +291,11 @@ class _Transaction:
                     raw.execute("BEGIN IMMEDIATE" if self._write else "BEGIN")
                 self._changes = raw.total_changes  # a write that changed nothing needs no checkpoint
             else:
-                # Takes effect at the implicit BEGIN of the first statement; no round trip here.
-                raw.isolation_level = None if self._write else _pg_repeatable_read()
+                # Takes effect at the implicit BEGIN of the first statement; no round trip here. Set
+                # for writes too, whatever the database's default: the claim and the guarded updates
+                # rely on READ COMMITTED re-checking a row another transaction has just changed
+                # (REPEATABLE READ or SERIALIZABLE fail it as a serialization error).
+                raw.isolation_level = _pg_isolation(self._write)
         except BaseException as exc:
             self._fail(exc)
         return pooled.conn
@@ -457,10 +460,10 @@ def _in_transaction(raw: Any, sqlite: bool) -> bool:
     return bool(raw.info.transaction_status != TransactionStatus.IDLE)
 
 
-def _pg_repeatable_read() -> Any:
+def _pg_isolation(write: bool) -> Any:
     from psycopg import IsolationLevel
 
-    return IsolationLevel.REPEATABLE_READ
+    return IsolationLevel.READ_COMMITTED if write else IsolationLevel.REPEATABLE_READ
 
 
 def _reset_isolation(raw: Any) -> None:

@@ -176,3 +176,39 @@ def test_a_postgresql_urls_own_options_are_kept_beside_the_servers(database_url:
             assert list(schemas) == ["queue"]
     finally:
         db.dispose()
+
+
+@pytest.mark.parametrize("engine_name", [pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_writes_run_read_committed_whatever_the_databases_default(database_url: str) -> None:
+    """A database whose default isolation is SERIALIZABLE: four services claiming and completing
+    from one directory at once get no "unavailable" (writes had the database's default, so a claim
+    meeting a row another had just changed failed to serialize; READ COMMITTED re-checks the row)."""
+    setup = Database(database_url)
+    with setup.write() as conn:
+        name = conn.execute(text("SELECT current_database()")).scalar_one()
+        conn.execute(text(f'ALTER DATABASE "{name}" SET default_transaction_isolation = serializable'))
+    ensure_schema(setup)
+    for n in range(120):
+        TaskService(setup).create_task("/repo", f"t{n}")
+    setup.dispose()
+    databases = [Database(database_url) for _ in range(4)]
+    errors: list[BaseException] = []
+    done: list[str] = []
+
+    def work(db: Database) -> None:
+        service = TaskService(db)
+        try:
+            while (task := service.acquire_task("/repo")) is not None:
+                done.append(service.complete_task(task.task_id, "ok").task_id)
+        except BaseException as exc:  # collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(db,)) for db in databases]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for db in databases:
+        db.dispose()
+    assert errors == []
+    assert len(done) == len(set(done)) == 120
