@@ -566,6 +566,7 @@ _LOCKED = re.compile(r"database is locked|database table is locked", re.I)
 _PG_DISK_FULL = "53100"
 _PG_READ_ONLY = "25006"
 _SQLITE_READONLY = 8  # primary result code; extended codes keep it in the low byte
+_SQLITE_ERROR = 1  # the generic primary code (it has no extended codes)
 # SQLSTATE classes worth retrying: connection (08), rollback/deadlock (40), resources (53),
 # operator intervention/restart (57), lock not available (55P03). Any other SQLSTATE is permanent.
 _PG_TRANSIENT = ("08", "40", "53", "57", "55P03")
@@ -609,6 +610,11 @@ def _translate(exc: sa_exc.DBAPIError) -> DatabaseError:  # noqa: PLR0911 - a ta
         )
     if sqlstate is not None and not exc.connection_invalidated and not sqlstate.startswith(_PG_TRANSIENT):
         # e.g. 54000 "index row size exceeds maximum": retrying would never help.
+        return DatabaseError("The database rejected the request; nothing was changed.", detail)
+    if getattr(exc.orig, "sqlite_errorcode", None) == _SQLITE_ERROR:
+        # SQLite's generic error, raised as OperationalError: "no such table", "table ... already
+        # exists" (a schema that is not ours), a syntax error. Permanent, as a SQLSTATE outside the
+        # transient classes is.
         return DatabaseError("The database rejected the request; nothing was changed.", detail)
     if exc.connection_invalidated or isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError):
         return DatabaseUnavailable("The database is unavailable right now. Retry in a few seconds.", detail)

@@ -30,3 +30,16 @@ def test_permanent_postgres_error_is_not_called_unavailable(database: Database) 
     assert "rejected the request" in str(caught.value)
     assert caught.value.detail is not None
     assert "index row" in caught.value.detail
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_a_table_that_is_missing_is_not_called_unavailable(database: Database) -> None:
+    """A schema that is not what the server expects (here: a table dropped under it) cannot be fixed
+    by retrying: both engines say "rejected" (SQLite said "unavailable, retry": its generic error
+    comes as an OperationalError)."""
+    with database.write() as conn:
+        conn.exec_driver_sql("DROP TABLE task_history")
+    with pytest.raises(DatabaseError) as caught, database.transaction(write=False) as conn:
+        TaskRepository(conn).history("t1")
+    assert not isinstance(caught.value, DatabaseUnavailable)
+    assert "rejected the request" in str(caught.value)
