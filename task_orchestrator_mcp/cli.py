@@ -150,7 +150,7 @@ async def _serve(server: MCPServer[Any], opening: OpeningDatabase) -> None:
     from anyio.abc import TaskStatus
     from loguru import logger
 
-    from task_orchestrator_mcp.stdin import CALLS
+    from task_orchestrator_mcp.stdio import CALLS
 
     serving = anyio.CancelScope()
 

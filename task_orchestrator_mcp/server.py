@@ -61,14 +61,15 @@ class TaskOrchestratorServer(MCPServer[AppState]):
         return self._compact_tools
 
     async def run_stdio_async(self) -> None:
-        """Serve on stdio as ``MCPServer`` does, reading stdin through :func:`stdin.stdin_lines`."""
+        """Serve on stdio as ``MCPServer`` does, through :mod:`stdio`'s stdin and stdout."""
         from mcp.server.stdio import stdio_server
 
-        from task_orchestrator_mcp.stdin import stdin_lines
+        from task_orchestrator_mcp.stdio import stdin_lines, stdout_wire
 
         lowlevel = self._lowlevel_server
-        async with stdio_server(stdin=stdin_lines()) as (read_stream, write_stream):
-            await lowlevel.run(read_stream, write_stream, lowlevel.create_initialization_options())
+        with stdout_wire() as stdout:
+            async with stdio_server(stdin=stdin_lines(), stdout=stdout) as (read_stream, write_stream):
+                await lowlevel.run(read_stream, write_stream, lowlevel.create_initialization_options())
 
 
 def compact_schema(schema: dict[str, Any], *, keep_descriptions: bool) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from task_orchestrator_mcp.models import (
     TaskPage,
     TaskWithHistory,
 )
-from task_orchestrator_mcp.stdin import CALLS
+from task_orchestrator_mcp.stdio import CALLS
 
 if TYPE_CHECKING:
     from task_orchestrator_mcp.service import TaskService
@@ -146,7 +146,7 @@ class _Tool(Tool):
         if CALLS.stopping:
             raise ToolError(f"Error executing tool {self.name}: the server is stopping; nothing was done.")
         try:
-            with CALLS.one():  # a signal, or the end of stdin, waits for it (see stdin.py)
+            with CALLS.one():  # a signal, or the end of stdin, waits for it (see stdio.py)
                 return await super().run(arguments, context, convert_result)
         except ToolError as exc:
             cause = exc.__cause__

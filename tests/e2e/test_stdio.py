@@ -560,3 +560,31 @@ def test_a_second_signal_exits_at_once(tmp_path: Path) -> None:
     assert "SIGINT received again: exiting now" in stderr, stderr
     assert waited < 1.5, waited  # not the 2 s given to running calls, nor the 3 s grace
     assert _prompts(path) == ["kept"]
+
+
+def test_a_client_slow_to_read_still_gets_every_answer_after_closing_stdin(tmp_path: Path) -> None:
+    """200 creates, stdin closed, and the client starts reading only 2 s later: the answers that did
+    not fit in the pipe waited on the server's writer, and the end of stdin cancelled them (17 of 200
+    arrived; all 200 tasks were stored)."""
+    count = 200
+    proc = _spawn(server_env(f"sqlite:///{tmp_path / 't.db'}"))
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    lines = [json.dumps(INIT), json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"})]
+    lines += [
+        _rpc(
+            n,
+            "tools/call",
+            {"name": "create_task", "arguments": {"work_directory": "/w", "prompt": "x" * 500}},
+        )
+        for n in range(2, count + 2)
+    ]
+    proc.stdin.write(("\n".join(lines) + "\n").encode())
+    proc.stdin.close()
+    time.sleep(2)
+    answered = {json.loads(line)["id"] for line in proc.stdout.read().splitlines()}
+    proc.stdout.close()
+    code, stderr = _exit_of(proc, timeout=60)
+    assert code == 0, stderr
+    assert answered == set(range(1, count + 2))
+    assert len(_prompts(tmp_path / "t.db")) == count

@@ -1,11 +1,12 @@
-"""The server's stdin for the SDK's stdio transport: its lines, with one repair, and an end that waits
-for the calls in flight.
+"""The server's stdin and stdout for the SDK's stdio transport: stdin's lines, with one repair, and
+an end that waits until every call has been answered.
 
-When stdin ends, the SDK cancels every request still running, and its answer is never written: a
-client that sends its requests and then closes stdin (``printf ... | task-orchestrator-mcp``, or any
-client that half-closes the pipe) got no answer to a call that had been carried out. So the end of
-stdin is passed on only once no tool call has been running for a moment (at most
-:data:`EOF_WAIT_SECONDS`).
+When stdin ends, the SDK cancels every request still running or still waiting to write its answer:
+a client that sends its requests and then closes stdin (``printf ... | task-orchestrator-mcp``, or
+any client that half-closes the pipe) got no answer to calls that had been carried out, and a client
+slow to read lost every answer that did not fit in the pipe. So the end of stdin is passed on only once
+no tool call has run and nothing has been written for a moment (at most :data:`EOF_WAIT_SECONDS`);
+the server's own stdout writer is what tells the second.
 
 A JSON string may escape a lone UTF-16 surrogate (``"\\ud800"``): valid JSON by its grammar, and what
 JavaScript's ``JSON.stringify`` writes for a string cut in the middle of an emoji. The SDK parses each
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import sys
 import time
@@ -75,13 +77,17 @@ _IDLE_SECONDS = 0.05
 
 
 class CallsInFlight:
-    """The tool calls this process is running. Counted on the event loop (``with CALLS.one():``);
-    waited for there (a signal, see ``cli``) or from stdin's reader thread (its end). Once
-    ``stopping``, new calls are refused."""
+    """The tool calls this process is running, and the answers it is writing. Calls are counted on
+    the event loop (``with CALLS.one():``), writes on the writer's thread; both are waited for on the
+    loop (a signal, see ``cli``) or from stdin's reader thread (its end). Once ``stopping``, new calls
+    are refused."""
 
     def __init__(self) -> None:
         self._running = 0
-        self._started = 0  # ever: a call that starts and ends between two looks is still seen
+        self._writing = 0
+        # Ever: a call or a write that begins and ends between two looks is still seen.
+        self._started = 0
+        self._written = 0
         self.stopping = False
 
     @contextlib.contextmanager
@@ -94,18 +100,30 @@ class CallsInFlight:
         finally:
             self._running -= 1
 
-    def _look(self, seen: int) -> tuple[bool, int]:
-        """(idle, what to pass next time): idle once no call has run between this look and the last."""
-        started = self._started
-        if self._running == 0 and started == seen:
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Count one write to the client (one thread writes at a time)."""
+        self._writing += 1
+        try:
+            yield
+        finally:
+            self._writing -= 1
+            self._written += 1
+
+    def _look(self, seen: tuple[int, int] | None) -> tuple[bool, tuple[int, int] | None]:
+        """(idle, what to pass next time): idle once nothing ran or was written since the last look."""
+        now = (self._started, self._written)
+        busy = self._running or self._writing
+        if not busy and now == seen:
             return True, seen
-        return False, started if self._running == 0 else -1
+        return False, None if busy else now
 
     def wait_until_idle(self, timeout: float, idle: float = _IDLE_SECONDS) -> bool:
-        """True once no call has run for ``idle`` seconds (the last one's answer written meanwhile,
-        and a request read just before has started); False after ``timeout`` seconds. Blocks."""
+        """True once no call has run and nothing has been written for ``idle`` seconds (a request
+        read just before has started by then, and a finished call's answer is on its way out); False
+        after ``timeout`` seconds. Blocks."""
         deadline = time.monotonic() + timeout
-        done, seen = self._look(-1)
+        done, seen = self._look(None)
         while not done and time.monotonic() < deadline:
             time.sleep(idle)
             done, seen = self._look(seen)
@@ -113,7 +131,7 @@ class CallsInFlight:
 
     async def until_idle(self, idle: float = _IDLE_SECONDS) -> None:
         """:meth:`wait_until_idle` on the event loop, with no time limit of its own."""
-        done, seen = self._look(-1)
+        done, seen = self._look(None)
         while not done:
             await anyio.sleep(idle)
             done, seen = self._look(seen)
@@ -124,7 +142,7 @@ CALLS = CallsInFlight()
 
 def _wait_for_calls() -> None:
     if not CALLS.wait_until_idle(EOF_WAIT_SECONDS):
-        logger.warning("stdin closed; calls still running after {} s are cancelled", EOF_WAIT_SECONDS)
+        logger.warning("stdin closed; calls or answers pending after {} s are cancelled", EOF_WAIT_SECONDS)
 
 
 class _RepairedLines(TextIOWrapper):
@@ -144,6 +162,45 @@ class _RepairedLines(TextIOWrapper):
         """Let go of the buffer without closing it: it is ``sys.stdin``'s."""
         with contextlib.suppress(ValueError):  # already let go of
             self.detach()
+
+
+class _Answers(TextIOWrapper):
+    """The wire to the client as UTF-8 text; each write and flush counted in :data:`CALLS`. Closing
+    it lets go of the descriptor without closing it, and without raising if the client has gone."""
+
+    def write(self, text: str, /) -> int:
+        """Write ``text``, counted."""
+        with CALLS.writing():
+            return super().write(text)
+
+    def flush(self) -> None:
+        """Flush, counted: with a client slow to read, this is where the wait is."""
+        with CALLS.writing():
+            super().flush()
+
+    def close(self) -> None:
+        """Let go of the descriptor (a broken pipe at the last flush is no news any more)."""
+        with contextlib.suppress(ValueError, OSError):
+            self.detach()
+
+
+@contextlib.contextmanager
+def stdout_wire() -> Iterator[anyio.AsyncFile[str]]:
+    """The wire to the client for ``stdio_server(stdout=...)``, taken as the SDK takes it: the
+    client's pipe moves to a descriptor of its own, and fd 1 points at stderr while serving, so that
+    a stray print (ours or a library's) lands in the log instead of corrupting the protocol."""
+    sys.stdout.flush()
+    # Never closed, as the SDK never closes its own: a writer thread may still be blocked on it.
+    wire = os.dup(1)
+    os.dup2(2, 1)
+    answers = _Answers(os.fdopen(wire, "wb", closefd=False), encoding="utf-8")
+    try:
+        yield anyio.wrap_file(answers)
+    finally:
+        answers.close()
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()  # a stray print still buffered goes to stderr, not to the wire
+        os.dup2(wire, 1)
 
 
 def stdin_lines() -> anyio.AsyncFile[str]:

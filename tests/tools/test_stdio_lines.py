@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from task_orchestrator_mcp.stdin import repair_line
+from task_orchestrator_mcp.stdio import repair_line
 
 
 @pytest.mark.parametrize(
