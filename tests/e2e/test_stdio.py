@@ -432,26 +432,39 @@ def _wait_until_a_write_waits(path: Path) -> None:
     raise AssertionError("the write never waited at the gate")
 
 
+def _send_create(proc: subprocess.Popen[bytes], request_id: int, prompt: str) -> None:
+    assert proc.stdin is not None
+    call = {"name": "create_task", "arguments": {"work_directory": "/w", "prompt": prompt}}
+    proc.stdin.write(f"{_rpc(request_id, 'tools/call', call)}\n".encode())
+    proc.stdin.flush()
+
+
+@contextmanager
+def _a_call_waiting_for_the_lock(path: Path, prompt: str, **env: str) -> Iterator[subprocess.Popen[bytes]]:
+    """A server (one task, "kept", created) whose create_task of ``prompt`` (request 3) waits for
+    SQLite's write lock, which another process holds until the block ends (busy timeout 30 s)."""
+    proc = _serving(server_env(f"sqlite:///{path}", TASK_ORCHESTRATOR_BUSY_TIMEOUT_MS="30000", **env))
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        _send_create(proc, 3, prompt)
+        _wait_until_a_write_waits(path)
+        yield proc
+    finally:
+        holder.close()
+
+
 def test_a_signal_does_not_wait_for_a_call_stuck_on_the_database(tmp_path: Path) -> None:
     """A create_task waits for a write lock another process holds (busy timeout 30 s) when SIGTERM
     comes: the server exits within its grace period, and the call it never answered left nothing."""
     path = tmp_path / "t.db"
-    proc = _serving(server_env(f"sqlite:///{path}", TASK_ORCHESTRATOR_BUSY_TIMEOUT_MS="30000"))
-    assert proc.stdin is not None
-    assert proc.stdout is not None
-    holder = sqlite3.connect(path, isolation_level=None)
-    try:
-        holder.execute("BEGIN IMMEDIATE")
-        call = {"name": "create_task", "arguments": {"work_directory": "/w", "prompt": "never answered"}}
-        proc.stdin.write(f"{_rpc(3, 'tools/call', call)}\n".encode())
-        proc.stdin.flush()
-        _wait_until_a_write_waits(path)
+    with _a_call_waiting_for_the_lock(path, "never answered") as proc:
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         code, stderr = _exit_of(proc, timeout=20)
         waited = time.monotonic() - started
-    finally:
-        holder.close()
+    assert proc.stdin is not None
+    assert proc.stdout is not None
     proc.stdin.close()
     unanswered = proc.stdout.read()
     proc.stdout.close()
@@ -500,26 +513,14 @@ def test_a_signal_lets_the_calls_running_finish_and_answers_them(tmp_path: Path)
     that call finishes and is answered, a call sent after the signal is refused, then exit 143 (the
     running call used to be cancelled, its write committed and its answer never sent)."""
     path = tmp_path / "t.db"
-    env = server_env(f"sqlite:///{path}", TASK_ORCHESTRATOR_LOG_LEVEL="INFO")
-    proc = _serving(env)
-    assert proc.stdin is not None
-    assert proc.stdout is not None
-    holder = sqlite3.connect(path, isolation_level=None)
-    try:
-        holder.execute("BEGIN IMMEDIATE")
-        running = {"name": "create_task", "arguments": {"work_directory": "/w", "prompt": "running"}}
-        proc.stdin.write(f"{_rpc(3, 'tools/call', running)}\n".encode())
-        proc.stdin.flush()
-        _wait_until_a_write_waits(path)
+    with _a_call_waiting_for_the_lock(path, "running", TASK_ORCHESTRATOR_LOG_LEVEL="INFO") as proc:
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.5)  # the server has seen the signal
-        late = {"name": "create_task", "arguments": {"work_directory": "/w", "prompt": "too late"}}
-        proc.stdin.write(f"{_rpc(4, 'tools/call', late)}\n".encode())
-        proc.stdin.flush()
+        _send_create(proc, 4, "too late")
         time.sleep(0.3)
-    finally:
-        holder.close()
     code, stderr = _exit_of(proc, timeout=20)
+    assert proc.stdin is not None
+    assert proc.stdout is not None
     proc.stdin.close()
     answers = {
         message["id"]: message["result"] for message in map(json.loads, proc.stdout.read().splitlines())
@@ -536,24 +537,15 @@ def test_a_signal_lets_the_calls_running_finish_and_answers_them(tmp_path: Path)
 def test_a_second_signal_exits_at_once(tmp_path: Path) -> None:
     """Ctrl-C twice while a call waits on a lock: the second one does not wait out the grace period."""
     path = tmp_path / "t.db"
-    proc = _serving(server_env(f"sqlite:///{path}", TASK_ORCHESTRATOR_BUSY_TIMEOUT_MS="30000"))
-    assert proc.stdin is not None
-    assert proc.stdout is not None
-    holder = sqlite3.connect(path, isolation_level=None)
-    try:
-        holder.execute("BEGIN IMMEDIATE")
-        call = {"name": "create_task", "arguments": {"work_directory": "/w", "prompt": "stuck"}}
-        proc.stdin.write(f"{_rpc(3, 'tools/call', call)}\n".encode())
-        proc.stdin.flush()
-        _wait_until_a_write_waits(path)
+    with _a_call_waiting_for_the_lock(path, "stuck") as proc:
         proc.send_signal(signal.SIGINT)
         time.sleep(0.3)
         started = time.monotonic()
         proc.send_signal(signal.SIGINT)
         code, stderr = _exit_of(proc, timeout=20)
         waited = time.monotonic() - started
-    finally:
-        holder.close()
+    assert proc.stdin is not None
+    assert proc.stdout is not None
     proc.stdin.close()
     proc.stdout.close()
     assert code == 128 + signal.SIGINT, stderr
