@@ -89,16 +89,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         return _fail(f"cannot open the log file {settings.log_file}: {exc.strerror}", 2)
 
-    import anyio
-    from loguru import logger
-
-    from task_orchestrator_mcp.server import OpeningDatabase, build_server
-
     def failed(exc: BaseException) -> int:
         return _fail(_database_failure(settings.database_url, exc), 1)
 
     if args.check:
         return _check(settings, failed)
+    return _serve_stdio(settings, failed)
+
+
+def _serve_stdio(settings: Settings, failed: Callable[[BaseException], int]) -> int:
+    """Serve until stdin ends or a signal comes; the exit code."""
+    import anyio
+    from loguru import logger
+
+    from task_orchestrator_mcp.server import OpeningDatabase, build_server
 
     def fail_now(exc: BaseException) -> None:
         # The database failed to open while serving: one line, and the process ends at once, as it
@@ -108,6 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             os._exit(1)
 
+    try:
+        os.fstat(1)
+    except OSError:  # started with stdout closed (>&-): nobody could read an answer
+        return _fail("stdout is closed; an MCP client reads the server's answers there", 2)
     opening = OpeningDatabase(settings, on_failure=fail_now)
     logger.info("serving MCP on stdio")
     try:

@@ -189,7 +189,8 @@ def stdout_wire() -> Iterator[anyio.AsyncFile[str]]:
     """The wire to the client for ``stdio_server(stdout=...)``, taken as the SDK takes it: the
     client's pipe moves to a descriptor of its own, and fd 1 points at stderr while serving, so that
     a stray print (ours or a library's) lands in the log instead of corrupting the protocol."""
-    sys.stdout.flush()
+    if sys.stdout is not None:
+        sys.stdout.flush()
     # Never closed, as the SDK never closes its own: a writer thread may still be blocked on it.
     wire = os.dup(1)
     os.dup2(2, 1)
@@ -198,7 +199,7 @@ def stdout_wire() -> Iterator[anyio.AsyncFile[str]]:
         yield anyio.wrap_file(answers)
     finally:
         answers.close()
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
             sys.stdout.flush()  # a stray print still buffered goes to stderr, not to the wire
         os.dup2(wire, 1)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -580,3 +581,22 @@ def test_a_client_slow_to_read_still_gets_every_answer_after_closing_stdin(tmp_p
     assert code == 0, stderr
     assert answered == set(range(1, count + 2))
     assert len(_prompts(tmp_path / "t.db")) == count
+
+
+def test_a_server_started_with_stdout_closed_says_so_in_one_line(tmp_path: Path) -> None:
+    """``task-orchestrator-mcp >&-``: no one could read an answer. One line and exit 2 (it was a
+    traceback of an AttributeError)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "task_orchestrator_mcp"],
+        input="",
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=server_env(f"sqlite:///{tmp_path / 't.db'}"),
+        timeout=60,
+        check=False,
+        preexec_fn=lambda: os.close(1),
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "stdout is closed" in proc.stderr
