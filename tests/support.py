@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -136,3 +138,22 @@ def error_text(result: Any) -> str:
     """The message of a failed tool call (fails the test if the call succeeded)."""
     assert result.is_error, result.structured_content
     return " ".join(getattr(block, "text", "") for block in result.content)
+
+
+def wait_for_the_write_gate(database_path: Path, timeout: float = 30.0) -> bool:
+    """True once someone has closed SQLite's write gate (an exclusive flock on ``<database>-lock``,
+    which a writer kept 100 ms from the lock takes), which a shared flock here cannot get past;
+    False after ``timeout`` seconds."""
+    fd = os.open(f"{database_path}-lock", os.O_RDONLY)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            time.sleep(0.005)
+        return False
+    finally:
+        os.close(fd)

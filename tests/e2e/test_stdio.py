@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import signal
@@ -29,6 +28,7 @@ from tests.support import (
     server_env,
     server_params,
     structured,
+    wait_for_the_write_gate,
 )
 
 INIT = {
@@ -378,14 +378,20 @@ def test_an_empty_worker_id_setting_means_the_default(tmp_path: Path) -> None:
     assert settings.worker_id is None
 
 
+def _send_create(proc: subprocess.Popen[bytes], request_id: int, prompt: str) -> None:
+    assert proc.stdin is not None
+    call = {"name": "create_task", "arguments": {"work_directory": "/w", "prompt": prompt}}
+    proc.stdin.write(f"{_rpc(request_id, 'tools/call', call)}\n".encode())
+    proc.stdin.flush()
+
+
 def _serving(env: dict[str, str]) -> subprocess.Popen[bytes]:
     """A server past the handshake whose database is open (one task created), stdin left open."""
     proc = _spawn(env)
     assert proc.stdin is not None
     assert proc.stdout is not None
-    call = {"name": "create_task", "arguments": {"work_directory": "/w", "prompt": "kept"}}
-    proc.stdin.write(f"{json.dumps(INIT)}\n{_rpc(2, 'tools/call', call)}\n".encode())
-    proc.stdin.flush()
+    proc.stdin.write(f"{json.dumps(INIT)}\n".encode())
+    _send_create(proc, 2, "kept")
     assert b'"result"' in proc.stdout.readline()
     assert b'"kept"' in proc.stdout.readline()
     return proc
@@ -394,6 +400,24 @@ def _serving(env: dict[str, str]) -> subprocess.Popen[bytes]:
 def _prompts(path: Path) -> list[str]:
     with contextlib.closing(sqlite3.connect(path)) as conn:
         return [row[0] for row in conn.execute("SELECT prompt FROM tasks ORDER BY created_at")]
+
+
+def _signalled(proc: subprocess.Popen[bytes], signum: int) -> tuple[int, str, float]:
+    """Send ``signum``; the exit code, stderr, and the seconds from the signal to the exit."""
+    started = time.monotonic()
+    proc.send_signal(signum)
+    code, stderr = _exit_of(proc, timeout=20)
+    return code, stderr, time.monotonic() - started
+
+
+def _rest_of_stdout(proc: subprocess.Popen[bytes]) -> bytes:
+    """Close an exited server's pipes; what it wrote on stdout that was not read yet."""
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    proc.stdin.close()
+    rest = proc.stdout.read()
+    proc.stdout.close()
+    return rest
 
 
 @pytest.mark.parametrize(("signum", "name"), [(signal.SIGINT, "SIGINT"), (signal.SIGTERM, "SIGTERM")])
@@ -405,39 +429,13 @@ def test_ctrl_c_or_sigterm_stops_a_server_whose_stdin_is_still_open(
     next line arrived on stdin, the SDK's read of stdin being stuck on a thread)."""
     path = tmp_path / "t.db"
     proc = _serving(server_env(f"sqlite:///{path}", TASK_ORCHESTRATOR_LOG_LEVEL="INFO"))
-    proc.send_signal(signum)
-    code, stderr = _exit_of(proc, timeout=10)
-    assert proc.stdin is not None
-    assert proc.stdout is not None
-    proc.stdin.close()
-    proc.stdout.close()
+    code, stderr, _ = _signalled(proc, signum)
+    _rest_of_stdout(proc)
     assert code == 128 + signum, stderr
     assert f"{name} received: stopping" in stderr
     assert "stopped" in stderr
     assert "Traceback" not in stderr, stderr
     assert _prompts(path) == ["kept"]
-
-
-def _wait_until_a_write_waits(path: Path) -> None:
-    """Return once the server's write has waited 100 ms for SQLite's lock: it then closes the write
-    gate (an exclusive flock on ``<database>-lock``), which a shared flock here cannot get past."""
-    with open(f"{path}-lock", "rb") as gate:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                fcntl.flock(gate, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return
-            fcntl.flock(gate, fcntl.LOCK_UN)
-            time.sleep(0.01)
-    raise AssertionError("the write never waited at the gate")
-
-
-def _send_create(proc: subprocess.Popen[bytes], request_id: int, prompt: str) -> None:
-    assert proc.stdin is not None
-    call = {"name": "create_task", "arguments": {"work_directory": "/w", "prompt": prompt}}
-    proc.stdin.write(f"{_rpc(request_id, 'tools/call', call)}\n".encode())
-    proc.stdin.flush()
 
 
 @contextmanager
@@ -449,7 +447,7 @@ def _a_call_waiting_for_the_lock(path: Path, prompt: str, **env: str) -> Iterato
     try:
         holder.execute("BEGIN IMMEDIATE")
         _send_create(proc, 3, prompt)
-        _wait_until_a_write_waits(path)
+        assert wait_for_the_write_gate(path), "the write never waited at the gate"
         yield proc
     finally:
         holder.close()
@@ -460,15 +458,8 @@ def test_a_signal_does_not_wait_for_a_call_stuck_on_the_database(tmp_path: Path)
     comes: the server exits within its grace period, and the call it never answered left nothing."""
     path = tmp_path / "t.db"
     with _a_call_waiting_for_the_lock(path, "never answered") as proc:
-        started = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        code, stderr = _exit_of(proc, timeout=20)
-        waited = time.monotonic() - started
-    assert proc.stdin is not None
-    assert proc.stdout is not None
-    proc.stdin.close()
-    unanswered = proc.stdout.read()
-    proc.stdout.close()
+        code, stderr, waited = _signalled(proc, signal.SIGTERM)
+    unanswered = _rest_of_stdout(proc)
     assert code == 128 + signal.SIGTERM, stderr
     assert "exiting now" in stderr, stderr
     assert waited < 15, waited  # the grace period (3 s), not the busy timeout
@@ -520,13 +511,9 @@ def test_a_signal_lets_the_calls_running_finish_and_answers_them(tmp_path: Path)
         _send_create(proc, 4, "too late")
         time.sleep(0.3)
     code, stderr = _exit_of(proc, timeout=20)
-    assert proc.stdin is not None
-    assert proc.stdout is not None
-    proc.stdin.close()
     answers = {
-        message["id"]: message["result"] for message in map(json.loads, proc.stdout.read().splitlines())
+        message["id"]: message["result"] for message in map(json.loads, _rest_of_stdout(proc).splitlines())
     }
-    proc.stdout.close()
     assert code == 128 + signal.SIGTERM, stderr
     assert "stopped" in stderr, stderr
     assert answers[3]["structuredContent"]["prompt"] == "running"
@@ -541,14 +528,8 @@ def test_a_second_signal_exits_at_once(tmp_path: Path) -> None:
     with _a_call_waiting_for_the_lock(path, "stuck") as proc:
         proc.send_signal(signal.SIGINT)
         time.sleep(0.3)
-        started = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        code, stderr = _exit_of(proc, timeout=20)
-        waited = time.monotonic() - started
-    assert proc.stdin is not None
-    assert proc.stdout is not None
-    proc.stdin.close()
-    proc.stdout.close()
+        code, stderr, waited = _signalled(proc, signal.SIGINT)
+    _rest_of_stdout(proc)
     assert code == 128 + signal.SIGINT, stderr
     assert "SIGINT received again: exiting now" in stderr, stderr
     assert waited < 1.5, waited  # not the 2 s given to running calls, nor the 3 s grace

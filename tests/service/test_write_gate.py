@@ -24,6 +24,7 @@ from task_orchestrator_mcp.db.migrate import ensure_schema
 from task_orchestrator_mcp.db.write_gate import STARVING_AFTER_MS
 from task_orchestrator_mcp.errors import DatabaseUnavailable
 from task_orchestrator_mcp.service import TaskService
+from tests.support import wait_for_the_write_gate
 
 
 @pytest.fixture
@@ -78,17 +79,9 @@ def _when_the_gate_closes(path: Path, then: threading.Event) -> threading.Thread
     """A thread that sets ``then`` once someone has closed the gate (within 30 s)."""
 
     def watch() -> None:
-        fd = os.open(f"{path}-lock", os.O_RDONLY)
         try:
-            for _ in range(6000):
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    break
-                fcntl.flock(fd, fcntl.LOCK_UN)
-                time.sleep(0.005)
+            wait_for_the_write_gate(path)
         finally:
-            os.close(fd)
             then.set()
 
     watcher = threading.Thread(target=watch)
