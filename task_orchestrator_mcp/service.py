@@ -388,7 +388,7 @@ class TaskService:
     def _check_text(self, value: str, name: str, *, allow_empty: bool = False) -> str:
         if not isinstance(value, str):
             raise InvalidInput(f"{name} must be a string.")
-        if not allow_empty and not value.strip().strip(_INVISIBLE):
+        if not allow_empty and _blank(value):
             raise InvalidInput(f"{name} must not be empty or only whitespace.")
         size = len(_utf8(value, name))
         if size > self._max_payload:
@@ -419,6 +419,16 @@ class TaskService:
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
 # Characters that show nothing and that str.strip() keeps: a prompt of only these is empty too.
 _INVISIBLE = "\u200b\u200c\u200d\u2060\ufeff"
+
+
+def _blank(value: str) -> bool:
+    """Only whitespace and invisible characters, in any mix. Each pass strips from both ends, so a
+    real prompt costs two passes over its margins, never a scan of the whole text."""
+    before = None
+    while value != before:
+        before = value
+        value = value.strip().strip(_INVISIBLE)
+    return not value
 
 
 def normalise_directory(path: str) -> str:

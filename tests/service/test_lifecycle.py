@@ -383,7 +383,7 @@ def test_a_work_directory_with_control_characters_is_refused(service: TaskServic
     assert service.list_tasks().tasks == []
 
 
-@pytest.mark.parametrize("text", ["\u200b", " \ufeff\u200b\t", "\u2060"])
+@pytest.mark.parametrize("text", ["\u200b", " \ufeff\u200b\t", "\u2060", "\u200b \u200b"])
 def test_a_prompt_or_error_of_only_invisible_characters_is_empty(service: TaskService, text: str) -> None:
     with pytest.raises(InvalidInput, match="empty"):
         service.create_task(DIR, text)
