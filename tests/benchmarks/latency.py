@@ -123,12 +123,8 @@ async def _check_seconds(client: Client, tool: str, arguments: dict[str, Any], r
     result = await client.call_tool(tool, arguments)
     assert isinstance(result, CallToolResult)
     assert not result.is_error
-    session = client.session
-    samples = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        await session.validate_tool_result(tool, result)
-        samples.append(time.perf_counter() - started)
+    samples: list[float] = []
+    await _time_block(lambda: client.session.validate_tool_result(tool, result), rounds, samples)
     return percentile(samples, 50)
 
 
