@@ -112,10 +112,14 @@ def _serve_stdio(settings: Settings, failed: Callable[[BaseException], int]) -> 
         finally:
             os._exit(1)
 
-    try:
-        os.fstat(1)
-    except OSError:  # started with stdout closed (>&-): nobody could read an answer
-        return _fail("stdout is closed; an MCP client reads the server's answers there", 2)
+    for fd, closed in (
+        (0, "stdin is closed; an MCP client sends its requests there"),  # started with <&-
+        (1, "stdout is closed; an MCP client reads the server's answers there"),  # >&-
+    ):
+        try:
+            os.fstat(fd)
+        except OSError:
+            return _fail(closed, 2)
     opening = OpeningDatabase(settings, on_failure=fail_now)
     logger.info("serving MCP on stdio")
     try:
@@ -151,9 +155,9 @@ async def _serve(server: MCPServer[Any], opening: OpeningDatabase) -> None:
 
     On a signal, the calls running finish and are answered (new ones are refused), serving is
     cancelled and the lifespan closes the database; the process then exits with 128 + the signal's
-    number. It must exit itself: the SDK reads stdin on a worker thread that cannot be cancelled, so
-    with stdin still open (a terminal, or a client that signals before closing the pipe) it would wait
-    for another line. A second signal ends the process at once."""
+    number. It exits itself: where stdin is read on a worker thread (a file given as stdin; see
+    ``stdio``), that read cannot be cancelled, and a write to a client that stopped reading cannot
+    either. A second signal ends the process at once."""
     import anyio
     from anyio.abc import TaskStatus
     from loguru import logger

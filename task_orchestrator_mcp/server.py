@@ -61,15 +61,10 @@ class TaskOrchestratorServer(MCPServer[AppState]):
         return self._compact_tools
 
     async def run_stdio_async(self) -> None:
-        """Serve on stdio as ``MCPServer`` does, through :mod:`stdio`'s stdin and stdout."""
-        from mcp.server.stdio import stdio_server
+        """Serve on stdio as ``MCPServer`` does, through :mod:`stdio`'s reader and writer."""
+        from task_orchestrator_mcp.stdio import serve_stdio
 
-        from task_orchestrator_mcp.stdio import stdin_lines, stdout_wire
-
-        lowlevel = self._lowlevel_server
-        with stdout_wire() as stdout:
-            async with stdio_server(stdin=stdin_lines(), stdout=stdout) as (read_stream, write_stream):
-                await lowlevel.run(read_stream, write_stream, lowlevel.create_initialization_options())
+        await serve_stdio(self._lowlevel_server)
 
 
 def compact_schema(schema: dict[str, Any], *, keep_descriptions: bool) -> dict[str, Any]:

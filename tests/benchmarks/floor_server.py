@@ -3,6 +3,10 @@
 With ``BENCH_FLOOR_DB`` set it also has ``noop_commit``: the no-op plus one raw ``sqlite3`` commit on
 that file, with the real server's pragmas (WAL, synchronous=FULL, checkpoint every 4,000 pages), the
 floor for write calls.
+
+With ``BENCH_FLOOR_WIRE=ours`` it serves through the real server's stdio reader and writer
+(``task_orchestrator_mcp.stdio``) instead of the SDK's: not a floor, but the measure of what that
+wire alone saves a call.
 """
 
 from __future__ import annotations
@@ -50,4 +54,11 @@ def build() -> MCPServer:
 
 
 if __name__ == "__main__":
-    build().run()
+    if os.environ.get("BENCH_FLOOR_WIRE") == "ours":
+        import anyio
+
+        from task_orchestrator_mcp.stdio import serve_stdio
+
+        anyio.run(serve_stdio, build()._lowlevel_server)
+    else:
+        build().run()

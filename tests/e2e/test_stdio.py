@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -564,20 +565,113 @@ def test_a_client_slow_to_read_still_gets_every_answer_after_closing_stdin(tmp_p
     assert len(_prompts(tmp_path / "t.db")) == count
 
 
-def test_a_server_started_with_stdout_closed_says_so_in_one_line(tmp_path: Path) -> None:
-    """``task-orchestrator-mcp >&-``: no one could read an answer. One line and exit 2 (it was a
-    traceback of an AttributeError)."""
+@pytest.mark.parametrize(
+    ("fd", "says"), [(0, "stdin is closed"), (1, "stdout is closed")], ids=["stdin", "stdout"]
+)
+def test_a_server_started_with_stdin_or_stdout_closed_says_so_in_one_line(
+    tmp_path: Path, fd: int, says: str
+) -> None:
+    """``task-orchestrator-mcp >&-`` or ``<&-``: no one could read an answer, or send a request. One
+    line and exit 2 (each was a traceback of an AttributeError)."""
     proc = subprocess.run(
         [sys.executable, "-m", "task_orchestrator_mcp"],
-        input="",
+        stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
         env=server_env(f"sqlite:///{tmp_path / 't.db'}"),
         timeout=60,
         check=False,
-        preexec_fn=lambda: os.close(1),
+        preexec_fn=lambda: os.close(fd),
     )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1, proc.stderr
-    assert "stdout is closed" in proc.stderr
+    assert says in proc.stderr
+
+
+def _session(*calls: tuple[str, dict[str, Any]]) -> list[str]:
+    """The handshake, then each tool call (ids from 2), as lines without their newline."""
+    lines = [json.dumps(INIT), json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"})]
+    lines += [
+        _rpc(n, "tools/call", {"name": name, "arguments": args}) for n, (name, args) in enumerate(calls, 2)
+    ]
+    return lines
+
+
+def _answers(stdout: bytes | str) -> dict[int, Any]:
+    """Every answer on stdout, by request id (each line must be one JSON-RPC message)."""
+    return {message["id"]: message for message in map(json.loads, stdout.splitlines())}
+
+
+def test_requests_from_a_file_given_as_stdin_are_all_answered(tmp_path: Path) -> None:
+    """``task-orchestrator-mcp < requests.jsonl``: a regular file cannot be polled by the event loop,
+    so it is read on a worker thread; /dev/null as stdin is an empty session that exits 0."""
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(
+        "\n".join(_session(("create_task", {"work_directory": "/w", "prompt": "filed"}))) + "\n"
+    )
+    env = server_env(f"sqlite:///{tmp_path / 't.db'}")
+    for source, expected in ((requests, [1, 2]), (Path(os.devnull), [])):
+        with source.open("rb") as stdin:
+            proc = subprocess.run(
+                [sys.executable, "-m", "task_orchestrator_mcp"],
+                stdin=stdin,
+                capture_output=True,
+                env=env,
+                timeout=60,
+                check=False,
+            )
+        assert proc.returncode == 0, proc.stderr
+        assert sorted(_answers(proc.stdout)) == expected
+    assert _prompts(tmp_path / "t.db") == ["filed"]
+
+
+def test_a_socket_as_stdin_and_stdout_works_as_a_pipe_does(tmp_path: Path) -> None:
+    """libuv (Node, so many MCP clients) gives a child a Unix socket pair as stdin and stdout, not
+    pipes. Two creates, then the end of input (a half-close), and both are answered."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "task_orchestrator_mcp"],
+            stdin=theirs,
+            stdout=theirs,
+            stderr=subprocess.PIPE,
+            env=server_env(f"sqlite:///{tmp_path / 't.db'}"),
+        )
+        theirs.close()
+        calls = [("create_task", {"work_directory": "/w", "prompt": p}) for p in ("one", "two")]
+        ours.sendall(("\n".join(_session(*calls)) + "\n").encode())
+        ours.shutdown(socket.SHUT_WR)
+        received = b""
+        ours.settimeout(60)
+        while chunk := ours.recv(1 << 16):
+            received += chunk
+    code, stderr = _exit_of(proc, timeout=60)
+    assert code == 0, stderr
+    assert sorted(_answers(received)) == [1, 2, 3]
+    assert sorted(_prompts(tmp_path / "t.db")) == ["one", "two"]
+
+
+def test_a_request_sent_in_pieces_and_a_last_line_without_its_newline_are_read_whole(tmp_path: Path) -> None:
+    """A 300 KB request arrives in three writes, 0.2 s apart (more than one read, with the event loop
+    waiting between them); the last request has no newline before the end of input."""
+    prompt = "é" * 150_000  # 300 KB of UTF-8: a piece may end inside a character
+    big = _session(("create_task", {"work_directory": "/w", "prompt": prompt}))
+    last = _rpc(3, "tools/call", {"name": "list_tasks", "arguments": {}})
+    data = ("\n".join(big) + "\n" + last).encode()
+    proc = _spawn(server_env(f"sqlite:///{tmp_path / 't.db'}"))
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    cut = len(data) // 3 + 1
+    for start in range(0, len(data), cut):
+        proc.stdin.write(data[start : start + cut])
+        proc.stdin.flush()
+        time.sleep(0.2)
+    proc.stdin.close()
+    answers = _answers(proc.stdout.read())
+    proc.stdout.close()
+    code, stderr = _exit_of(proc, timeout=60)
+    assert code == 0, stderr
+    assert sorted(answers) == [1, 2, 3]
+    assert answers[2]["result"]["structuredContent"]["prompt"] == prompt
+    assert len(answers[3]["result"]["structuredContent"]["tasks"]) == 1
