@@ -633,8 +633,8 @@ def test_a_socket_as_stdin_and_stdout_works_as_a_pipe_does(tmp_path: Path) -> No
     with ours, theirs:
         proc = subprocess.Popen(
             [sys.executable, "-m", "task_orchestrator_mcp"],
-            stdin=theirs,
-            stdout=theirs,
+            stdin=theirs.fileno(),
+            stdout=theirs.fileno(),
             stderr=subprocess.PIPE,
             env=server_env(f"sqlite:///{tmp_path / 't.db'}"),
         )
