@@ -112,14 +112,14 @@ def _serve_stdio(settings: Settings, failed: Callable[[BaseException], int]) -> 
         finally:
             os._exit(1)
 
-    for fd, closed in (
+    for fd, says in (
         (0, "stdin is closed; an MCP client sends its requests there"),  # started with <&-
         (1, "stdout is closed; an MCP client reads the server's answers there"),  # >&-
     ):
         try:
             os.fstat(fd)
         except OSError:
-            return _fail(closed, 2)
+            return _fail(says, 2)
     opening = OpeningDatabase(settings, on_failure=fail_now)
     logger.info("serving MCP on stdio")
     try:

@@ -154,8 +154,8 @@ class StdinLines:
     A pipe, socket or terminal is read on the event loop when it has data (``wait_readable``): the
     SDK's own reader hands every line to a worker thread and back, which costs each call a thread
     hand-off. What the event loop cannot poll (a regular file or ``/dev/null`` given as stdin) is
-    read on a worker thread, as the SDK does. A line ends at ``\\n``; a ``\\r``
-    before it is JSON whitespace.
+    read on a worker thread, as the SDK does. A line ends at ``\\n``; a ``\\r`` before it is JSON
+    whitespace.
     """
 
     def __init__(self, fd: int, answers: AnswerWriter) -> None:
