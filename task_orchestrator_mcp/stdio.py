@@ -3,7 +3,7 @@ on the event loop, answers written by a thread of ours, one line repaired, and a
 waits until every call has been answered.
 
 The SDK's own transport hands every line read and every answer written (twice: write, then flush) to
-a worker thread and back: about 0.3 ms of a no-op call's 1 ms here (see README, Benchmarks). Here
+a worker thread and back: 0.25-0.3 ms of a no-op call's 1.1 ms (see README, Benchmarks). Here
 stdin is read when the event loop sees it has data, and answers are queued to one writer thread.
 
 When stdin ends, the SDK cancels every request still running or still waiting to write its answer:
