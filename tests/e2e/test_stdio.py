@@ -51,6 +51,20 @@ def _rpc(id_: int, method: str, params: dict[str, Any] | None = None) -> str:
     return json.dumps(message)
 
 
+def _session(*calls: tuple[str, dict[str, Any]]) -> list[str]:
+    """The handshake, then each tool call (ids from 2), as lines without their newline."""
+    lines = [json.dumps(INIT), json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"})]
+    lines += [
+        _rpc(n, "tools/call", {"name": name, "arguments": args}) for n, (name, args) in enumerate(calls, 2)
+    ]
+    return lines
+
+
+def _answers(stdout: bytes | str) -> dict[int, Any]:
+    """Every answer on stdout, by request id (each line must be one JSON-RPC message)."""
+    return {message["id"]: message for message in map(json.loads, stdout.splitlines())}
+
+
 @pytest.mark.anyio
 async def test_worker_loop_over_stdio(database_url: str) -> None:
     async with Client(server_params(database_url), mode="legacy") as client:
@@ -478,13 +492,9 @@ def test_a_client_that_closes_stdin_after_its_requests_gets_every_answer(tmp_pat
         ("acquire_task", {"work_directory": "/w"}),
         ("list_tasks", {}),
     ]
-    requests = [json.dumps(INIT), json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"})]
-    requests += [
-        _rpc(n, "tools/call", {"name": name, "arguments": args}) for n, (name, args) in enumerate(calls, 2)
-    ]
     proc = subprocess.run(
         [sys.executable, "-m", "task_orchestrator_mcp"],
-        input="\n".join(requests) + "\n",
+        input="\n".join(_session(*calls)) + "\n",
         capture_output=True,
         text=True,
         env=server_env(f"sqlite:///{tmp_path / 't.db'}"),
@@ -492,7 +502,7 @@ def test_a_client_that_closes_stdin_after_its_requests_gets_every_answer(tmp_pat
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    answers = {message["id"]: message for message in map(json.loads, proc.stdout.splitlines())}
+    answers = _answers(proc.stdout)
     assert sorted(answers) == [1, 2, 3, 4, 5]
     assert all("result" in answer and not answer["result"].get("isError") for answer in answers.values())
     # The calls run concurrently, in no set order: the claim may come before either task exists.
@@ -545,15 +555,7 @@ def test_a_client_slow_to_read_still_gets_every_answer_after_closing_stdin(tmp_p
     proc = _spawn(server_env(f"sqlite:///{tmp_path / 't.db'}"))
     assert proc.stdin is not None
     assert proc.stdout is not None
-    lines = [json.dumps(INIT), json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"})]
-    lines += [
-        _rpc(
-            n,
-            "tools/call",
-            {"name": "create_task", "arguments": {"work_directory": "/w", "prompt": "x" * 500}},
-        )
-        for n in range(2, count + 2)
-    ]
+    lines = _session(*[("create_task", {"work_directory": "/w", "prompt": "x" * 500})] * count)
     proc.stdin.write(("\n".join(lines) + "\n").encode())
     proc.stdin.close()
     time.sleep(2)
@@ -587,20 +589,6 @@ def test_a_server_started_with_stdin_or_stdout_closed_says_so_in_one_line(
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1, proc.stderr
     assert says in proc.stderr
-
-
-def _session(*calls: tuple[str, dict[str, Any]]) -> list[str]:
-    """The handshake, then each tool call (ids from 2), as lines without their newline."""
-    lines = [json.dumps(INIT), json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"})]
-    lines += [
-        _rpc(n, "tools/call", {"name": name, "arguments": args}) for n, (name, args) in enumerate(calls, 2)
-    ]
-    return lines
-
-
-def _answers(stdout: bytes | str) -> dict[int, Any]:
-    """Every answer on stdout, by request id (each line must be one JSON-RPC message)."""
-    return {message["id"]: message for message in map(json.loads, stdout.splitlines())}
 
 
 def test_requests_from_a_file_given_as_stdin_are_all_answered(tmp_path: Path) -> None:
