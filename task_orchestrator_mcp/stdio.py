@@ -175,17 +175,11 @@ class StdinLines:
             self._answers.raise_if_broken()
             end = self._buffer.find(b"\n", self._scanned)
             if end >= 0:
-                line = bytes(self._buffer[: end + 1])
-                del self._buffer[: end + 1]
-                self._scanned = 0
-                return repair_line(line.decode("utf-8", "replace"))
+                return self._take(end + 1)
             self._scanned = len(self._buffer)
             if self._ended:
                 if self._buffer:  # a last line without its "\n"
-                    line = bytes(self._buffer)
-                    self._buffer.clear()
-                    self._scanned = 0
-                    return repair_line(line.decode("utf-8", "replace"))
+                    return self._take(len(self._buffer))
                 await _wait_for_calls()
                 raise StopAsyncIteration
             chunk = await self._read()
@@ -195,6 +189,13 @@ class StdinLines:
                 self._buffer += chunk
             else:
                 self._ended = True
+
+    def _take(self, size: int) -> str:
+        """The buffer's first ``size`` bytes, taken out, as a repaired line."""
+        line = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        self._scanned = 0
+        return repair_line(line.decode("utf-8", "replace"))
 
     async def _read(self) -> bytes | None:
         """What stdin has now (b"" at its end), or None when it turned out to have nothing yet."""
@@ -310,7 +311,7 @@ async def serve_stdio(server: Server[Any]) -> None:
     os.dup2(2, 1)
     answers = AnswerWriter(wire)
     try:
-        lines = StdinLines(sys.stdin.fileno(), answers)
+        lines = StdinLines(0, answers)
         # The SDK types these as anyio's AsyncFile; it uses only iteration, write and flush.
         async with stdio_server(stdin=lines, stdout=answers) as (read_stream, write_stream):  # type: ignore[arg-type]
             await server.run(read_stream, write_stream, server.create_initialization_options())
