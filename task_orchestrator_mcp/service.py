@@ -55,6 +55,8 @@ MAX_DIRECTORY_BYTES = 2048
 MAX_ID_CHARS = 256
 MAX_JSON_DEPTH = 64
 LIST_PROMPT_CHARS = 200
+# The finest step both engines store (SQLite's text keeps six fraction digits; PostgreSQL, microseconds).
+_TICK = timedelta(microseconds=1)
 # Leases recovered per acquire: bounds the work one call can be asked to do.
 EXPIRY_BATCH = 100
 
@@ -75,9 +77,11 @@ class TaskService:
     Write operations read the clock after taking the write lock (on PostgreSQL, after locking the
     task's row), so a lease starts when it is granted (not before a wait for the lock) and creation
     times follow commit order (on PostgreSQL, creates take turns for that: see
-    TaskRepository.take_turn_to_create). One exception: complete_task is one guarded statement and
-    reads the clock before it; on PostgreSQL, a completion that waited for the row (behind the
-    holder's own heartbeat, say) is stamped up to that wait early.
+    TaskRepository.take_turn_to_create); a create whose clock reads no later than the newest task's
+    creation takes that plus a microsecond, so creation times strictly increase. One exception:
+    complete_task is one guarded statement and reads the clock before it; on PostgreSQL, a
+    completion that waited for the row (behind the holder's own heartbeat, say) is stamped up to
+    that wait early.
     """
 
     def __init__(
@@ -128,6 +132,12 @@ class TaskService:
             repo = TaskRepository(conn)
             repo.take_turn_to_create()  # before the clock: creation times follow commit order
             now = self._now()
+            # Strictly after the newest task, even if this clock reads the same tick, was stepped
+            # back, or (PostgreSQL) runs behind another machine's: a list cursor must never pass a
+            # task that commits after it.
+            latest = repo.latest_creation_time()
+            if latest is not None and now <= latest:
+                now = latest + _TICK
             task_id = _new_task_id(now)
             task = repo.insert_task(
                 {

@@ -596,6 +596,15 @@ class TaskRepository:
         ).fetchone()
         return None if row is None else _time_out(row[0])
 
+    def latest_creation_time(self) -> datetime | None:
+        """When the newest task was created (None: there are no tasks); one index probe."""
+        row = self._run(
+            "latest_created",
+            lambda: select(tasks.c.created_at).order_by(tasks.c.created_at.desc()).limit(1),
+            {},
+        ).fetchone()
+        return None if row is None else _time_out(row[0])
+
     def expired_leases(self, now: datetime, limit: int) -> list[Task]:
         """In-progress tasks whose lease ended before ``now``, locked (skipping ones others hold)."""
         rows = self._run(

@@ -196,7 +196,8 @@ class QueueMachine(RuleBasedStateMachine):
         tick=st.sampled_from([0, 0, 1]),
     )
     def create(self, directory: str, priority: str, max_attempts: int, tick: int) -> str:
-        """Queue a task (often at the same instant as the previous one, so ties are exercised)."""
+        """Queue a task, often at the clock reading of the previous one: its creation time is then a
+        microsecond after the newest task's (creation times strictly increase)."""
         if len(self.model) >= MAX_TASKS:
             # Too many tasks would exceed one recovery batch; hand back an existing id instead.
             return next(iter(self.model))
@@ -205,14 +206,16 @@ class QueueMachine(RuleBasedStateMachine):
         assert task.status is PENDING
         assert task.work_directory == DIRECTORIES[directory]
         assert task.task_id not in self.model
+        newest = max((t.created_at for t in self.model.values()), default=None)
+        created = self.now if newest is None or self.now > newest else newest + timedelta(microseconds=1)
         self.model[task.task_id] = ModelTask(
             task_id=task.task_id,
             directory=DIRECTORIES[directory],
             rank=PRIORITY_RANK[priority],
             max_attempts=max_attempts,
-            created_at=self.now,
-            updated_at=self.now,
-            history=[(None, PENDING, None, self.now, None)],
+            created_at=created,
+            updated_at=created,
+            history=[(None, PENDING, None, created, None)],
         )
         return task.task_id
 

@@ -94,6 +94,34 @@ def test_creates_take_turns_so_a_cursor_never_passes_a_task_committed_later(data
     assert tasks[0].created_at < tasks[1].created_at
 
 
+@pytest.mark.parametrize(
+    "step_back", [timedelta(seconds=1), timedelta(hours=1)], ids=["same tick", "stepped back"]
+)
+def test_a_create_that_reads_the_same_or_an_earlier_time_still_comes_after_the_cursor(
+    database: Database, step_back: timedelta
+) -> None:
+    """Creates that read the clock tick of an earlier create (or a clock stepped back since, or on
+    PostgreSQL a machine whose clock runs behind) used to sort by their random ids or before it, so
+    they could land behind a cursor handed out after it and never be listed. Creation times now
+    strictly increase in commit order."""
+    clock = FakeClock()
+    service = TaskService(database, clock=clock)
+    first = service.create_task("/p", "first")
+    clock.advance(1)
+    second = service.create_task("/p", "second")
+    page = service.list_tasks("/p", limit=1)
+    assert [task.task_id for task in page.tasks] == [first.task_id]
+    assert page.next_cursor is not None
+    clock.now -= step_back  # "same tick": back to the first create's reading
+    later = [service.create_task("/p", f"later {i}").task_id for i in range(4)]
+    rest = service.list_tasks(cursor=page.next_cursor).tasks
+    assert [task.task_id for task in rest] == [second.task_id, *later]
+    times = [task.created_at for task in rest]
+    assert times == sorted(set(times)), "creation times must strictly increase"
+    assert times[1] == second.created_at + timedelta(microseconds=1)
+    assert all(task.updated_at == task.created_at for task in rest)
+
+
 def _advisory_lock_waiters(database: Database) -> int:
     return _lock_waiters(database, "advisory")
 
