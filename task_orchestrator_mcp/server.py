@@ -16,6 +16,7 @@ from mcp.types import Tool as MCPTool
 from task_orchestrator_mcp import __version__
 from task_orchestrator_mcp.errors import DatabaseError
 from task_orchestrator_mcp.settings import Settings
+from task_orchestrator_mcp.stdio import DEFAULT_MAX_LINE_BYTES, max_line_bytes, serve_stdio
 from task_orchestrator_mcp.tools import AppState, build_tools
 
 if TYPE_CHECKING:
@@ -38,6 +39,8 @@ class TaskOrchestratorServer(MCPServer[AppState]):
     """MCPServer whose tools/list is compacted: every agent pays for it in context on every session."""
 
     _compact_tools: list[MCPTool] | None = None
+    # The longest request line read (see stdio.StdinLines); build_server sets it from the settings.
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
 
     async def list_tools(self) -> list[MCPTool]:
         """The tools with pydantic's generated titles (and output-model prose) left out."""
@@ -62,9 +65,7 @@ class TaskOrchestratorServer(MCPServer[AppState]):
 
     async def run_stdio_async(self) -> None:
         """Serve on stdio as ``MCPServer`` does, through :mod:`stdio`'s reader and writer."""
-        from task_orchestrator_mcp.stdio import serve_stdio
-
-        await serve_stdio(self._lowlevel_server)
+        await serve_stdio(self._lowlevel_server, self.max_line_bytes)
 
 
 def compact_schema(schema: dict[str, Any], *, keep_descriptions: bool) -> dict[str, Any]:
@@ -294,10 +295,12 @@ def build_server(
             with anyio.CancelScope(shield=True):  # close even when the server is being cancelled
                 await anyio.to_thread.run_sync(pending.close)
 
-    return TaskOrchestratorServer(
+    server = TaskOrchestratorServer(
         SERVER_NAME,
         version=__version__,
         instructions=INSTRUCTIONS,
         lifespan=lifespan,
         tools=build_tools(),
     )
+    server.max_line_bytes = max_line_bytes(settings.max_payload_bytes)
+    return server

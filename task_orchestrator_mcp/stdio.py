@@ -146,6 +146,26 @@ _READ_BYTES = 1 << 16
 BACKLOG_BYTES = 4 << 20
 
 
+def max_line_bytes(max_payload_bytes: int) -> int:
+    """The longest message a server whose text arguments take up to ``max_payload_bytes`` may need:
+    six bytes of JSON per payload byte (the longest escape per byte: ``\\u001f`` for one), and room
+    for the rest of the request (a directory, tags, ids, the envelope). Longer ones are skipped
+    unread (see :class:`StdinLines`)."""
+    return 6 * max_payload_bytes + (1 << 18)
+
+
+# The limit at the default payload limit (1 MiB).
+DEFAULT_MAX_LINE_BYTES = max_line_bytes(1 << 20)
+# How much of a skipped message is kept to find its request id in.
+_HEAD_BYTES = 1024
+# The request id at the start of a message, where the SDKs write it: {"jsonrpc": "2.0", "id": ...
+_LEADING_ID = re.compile(
+    rb'\A\s*\{\s*(?:"jsonrpc"\s*:\s*"2\.0"\s*,\s*)?"id"\s*:\s*(-?\d{1,20}|"(?:[^"\\]|\\.){0,256}")\s*[,}]'
+)
+# JSON-RPC's code for a message that is not a valid request.
+_INVALID_REQUEST = -32600
+
+
 class StdinLines:
     """stdin's lines for the SDK's reader, as UTF-8 text (bytes that are not UTF-8 read as U+FFFD, as
     the SDK reads them), each through :func:`repair_line`; the end comes once the calls in flight are
@@ -156,13 +176,21 @@ class StdinLines:
     hand-off. What the event loop cannot poll (a regular file or ``/dev/null`` given as stdin) is
     read on a worker thread, as the SDK does. A line ends at ``\\n``; a ``\\r`` before it is JSON
     whitespace.
+
+    A line longer than ``max_line_bytes`` (more than any request the tools accept can take) is not
+    kept: its bytes are dropped as they come, so a client that sends one, or never sends a newline,
+    cannot grow the server's memory without end; once it ends, the client gets a JSON-RPC error
+    (with the request's id when the line begins with it, as the SDKs write requests) and the next
+    line is read as usual.
     """
 
-    def __init__(self, fd: int, answers: AnswerWriter) -> None:
+    def __init__(self, fd: int, answers: AnswerWriter, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
         self._fd = fd
         self._answers = answers
+        self._max_line = max_line_bytes
         self._buffer = bytearray()
         self._scanned = 0  # no "\n" in the buffer before this
+        self._skipping: bytes | None = None  # the head of a line over the limit, while its rest goes
         self._ended = False
         self._pollable = True  # until the event loop says otherwise
 
@@ -175,9 +203,17 @@ class StdinLines:
             self._answers.raise_if_broken()
             end = self._buffer.find(b"\n", self._scanned)
             if end >= 0:
-                return self._take(end + 1)
+                if self._skipping is None and end < self._max_line:
+                    return self._take(end + 1)
+                await self._refuse_long_line(end + 1)
+                continue
             self._scanned = len(self._buffer)
+            if len(self._buffer) > self._max_line or (self._skipping is not None and self._buffer):
+                self._skip(len(self._buffer))  # no "\n" yet: the line is too long already
             if self._ended:
+                if self._skipping is not None:
+                    await self._refuse_long_line(0)
+                    continue
                 if self._buffer:  # a last line without its "\n"
                     return self._take(len(self._buffer))
                 await _wait_for_calls()
@@ -196,6 +232,31 @@ class StdinLines:
         del self._buffer[:size]
         self._scanned = 0
         return repair_line(line.decode("utf-8", "replace"))
+
+    def _skip(self, size: int) -> None:
+        """Drop the buffer's first ``size`` bytes, part of a line over the limit (its head kept)."""
+        if self._skipping is None:
+            self._skipping = bytes(self._buffer[:_HEAD_BYTES])
+        del self._buffer[:size]
+        self._scanned = 0
+
+    async def _refuse_long_line(self, size: int) -> None:
+        """Drop the rest (``size`` bytes) of a line over the limit and answer it with an error."""
+        self._skip(size)
+        head, self._skipping = self._skipping or b"", None
+        found = _LEADING_ID.match(head)
+        request_id = None if found is None else json.loads(found.group(1))
+        logger.warning(
+            "a message of over {} bytes (request id {!r}) was not read: larger than any request takes",
+            self._max_line,
+            request_id,
+        )
+        message = (
+            f"Message too large: over {self._max_line} bytes, more than any request to this server "
+            "can need. It was not read, and nothing was done."
+        )
+        error = {"code": _INVALID_REQUEST, "message": message}
+        await self._answers.write(json.dumps({"jsonrpc": "2.0", "id": request_id, "error": error}) + "\n")
 
     async def _read(self) -> bytes | None:
         """What stdin has now (b"" at its end), or None when it turned out to have nothing yet."""
@@ -296,9 +357,10 @@ class AnswerWriter:
 _CLOSE_WAIT_SECONDS = 5.0
 
 
-async def serve_stdio(server: Server[Any]) -> None:
+async def serve_stdio(server: Server[Any], max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
     """Serve ``server`` (a low-level SDK server) on stdin and stdout through the SDK's stdio transport
-    with this module's reader and writer. As the SDK does, the client's pipe moves to a descriptor of
+    with this module's reader and writer (a message over ``max_line_bytes`` is refused unread, see
+    :class:`StdinLines`). As the SDK does, the client's pipe moves to a descriptor of
     its own and fd 1 points at stderr while serving, so that a stray print (ours or a library's) lands
     in the log instead of corrupting the protocol. Unlike the SDK, fd 0 is not pointed at /dev/null:
     this process starts no children, and nothing else in it reads stdin."""
@@ -311,7 +373,7 @@ async def serve_stdio(server: Server[Any]) -> None:
     os.dup2(2, 1)
     answers = AnswerWriter(wire)
     try:
-        lines = StdinLines(0, answers)
+        lines = StdinLines(0, answers, max_line_bytes)
         # The SDK types these as anyio's AsyncFile; it uses only iteration, write and flush.
         async with stdio_server(stdin=lines, stdout=answers) as (read_stream, write_stream):  # type: ignore[arg-type]
             await server.run(read_stream, write_stream, server.create_initialization_options())

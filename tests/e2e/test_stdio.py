@@ -663,3 +663,21 @@ def test_a_request_sent_in_pieces_and_a_last_line_without_its_newline_are_read_w
     assert sorted(answers) == [1, 2, 3]
     assert answers[2]["result"]["structuredContent"]["prompt"] == prompt
     assert len(answers[3]["result"]["structuredContent"]["tasks"]) == 1
+
+
+def test_a_request_larger_than_any_call_can_need_is_refused_unread(tmp_path: Path) -> None:
+    """A 7 MB create_task (over the 6.25 MB a 1 MiB payload can take as JSON) gets a JSON-RPC error
+    with its id, and creates nothing; the server reads on and answers the next call."""
+    path = tmp_path / "t.db"
+    lines = _session(
+        ("create_task", {"work_directory": "/w", "prompt": "x" * (7 << 20)}),
+        ("create_task", {"work_directory": "/w", "prompt": "small"}),
+    )
+    proc = _spawn(server_env(f"sqlite:///{path}"))
+    stdout, stderr = proc.communicate(("\n".join(lines) + "\n").encode(), timeout=60)
+    assert proc.returncode == 0, stderr.decode(errors="replace")
+    answers = _answers(stdout)
+    assert answers[2]["error"]["code"] == -32600
+    assert "Message too large" in answers[2]["error"]["message"]
+    assert answers[3]["result"]["structuredContent"]["prompt"] == "small"
+    assert _prompts(path) == ["small"]
