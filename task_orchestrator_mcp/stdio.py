@@ -360,10 +360,10 @@ _CLOSE_WAIT_SECONDS = 5.0
 async def serve_stdio(server: Server[Any], max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
     """Serve ``server`` (a low-level SDK server) on stdin and stdout through the SDK's stdio transport
     with this module's reader and writer (a message over ``max_line_bytes`` is refused unread, see
-    :class:`StdinLines`). As the SDK does, the client's pipe moves to a descriptor of
-    its own and fd 1 points at stderr while serving, so that a stray print (ours or a library's) lands
-    in the log instead of corrupting the protocol. Unlike the SDK, fd 0 is not pointed at /dev/null:
-    this process starts no children, and nothing else in it reads stdin."""
+    :class:`StdinLines`). As the SDK does, the client's pipe moves to a descriptor of its own and
+    fd 1 points at stderr while serving, so that a stray print (ours or a library's) lands in the log
+    instead of corrupting the protocol. Unlike the SDK, fd 0 is not pointed at /dev/null: this
+    process starts no children, and nothing else in it reads stdin."""
     from mcp.server.stdio import stdio_server
 
     if sys.stdout is not None:
