@@ -203,7 +203,7 @@ class StdinLines:
             self._answers.raise_if_broken()
             end = self._buffer.find(b"\n", self._scanned)
             if end >= 0:
-                if self._skipping is None and end < self._max_line:
+                if self._skipping is None and end <= self._max_line:  # its length, without the "\n"
                     return self._take(end + 1)
                 await self._refuse_long_line(end + 1)
                 continue

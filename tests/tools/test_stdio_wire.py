@@ -130,9 +130,9 @@ async def test_a_line_over_the_limit_is_dropped_as_it_comes_and_answered_with_an
     limit and one read), and once it ends the client gets an Invalid Request error with the id it
     starts with (null when it does not start with one); the lines after it are read as usual."""
     limit = 200
-    exact = b'{"jsonrpc":"2.0","id":1,"pad":"' + b"a" * (limit - 34) + b'"}\n'
+    exact = b'{"jsonrpc":"2.0","id":1,"pad":"' + b"a" * (limit - 33) + b'"}\n'  # the limit, and "\n"
     one_over = exact.replace(b'"id":1', b'"id":6').replace(b'"pad":"', b'"pad":"e')
-    assert (len(exact), len(one_over)) == (limit, limit + 1)
+    assert (len(exact), len(one_over)) == (limit + 1, limit + 2)
     with_id = b'{"jsonrpc": "2.0", "id": "big-1", "method": "tools/call", "x": "' + b"b" * 1_000_000 + b'"}\n'
     after = b'{"jsonrpc":"2.0","id":3,"method":"ping"}\n'
     without_id = b'{"method": "tools/call", "id": 4, "x": "' + b"c" * 5000 + b'"}\n'
@@ -200,4 +200,4 @@ def test_the_line_limit_leaves_room_for_the_largest_request_the_tools_take() -> 
             "params": {"name": "create_task", "arguments": arguments},
         }
     )
-    assert len(line) + 1 <= max_line_bytes(payload) == DEFAULT_MAX_LINE_BYTES
+    assert len(line.encode()) <= max_line_bytes(payload) == DEFAULT_MAX_LINE_BYTES
