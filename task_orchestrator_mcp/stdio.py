@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.to_thread
 from loguru import logger
+from mcp.types import INVALID_REQUEST, ErrorData, JSONRPCError
 
 if TYPE_CHECKING:
     from mcp.server.lowlevel import Server
@@ -162,8 +163,6 @@ _HEAD_BYTES = 1024
 _LEADING_ID = re.compile(
     rb'\A\s*\{\s*(?:"jsonrpc"\s*:\s*"2\.0"\s*,\s*)?"id"\s*:\s*(-?\d{1,20}|"(?:[^"\\]|\\.){0,256}")\s*[,}]'
 )
-# JSON-RPC's code for a message that is not a valid request.
-_INVALID_REQUEST = -32600
 
 
 class StdinLines:
@@ -255,8 +254,10 @@ class StdinLines:
             f"Message too large: over {self._max_line} bytes, more than any request to this server "
             "can need. It was not read, and nothing was done."
         )
-        error = {"code": _INVALID_REQUEST, "message": message}
-        await self._answers.write(json.dumps({"jsonrpc": "2.0", "id": request_id, "error": error}) + "\n")
+        # The SDK's own error message, written as its transport writes one.
+        error = ErrorData(code=INVALID_REQUEST, message=message)
+        answer = JSONRPCError(jsonrpc="2.0", id=request_id, error=error)
+        await self._answers.write(answer.model_dump_json(by_alias=True, exclude_unset=True) + "\n")
 
     async def _read(self) -> bytes | None:
         """What stdin has now (b"" at its end), or None when it turned out to have nothing yet."""
