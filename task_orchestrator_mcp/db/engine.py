@@ -36,9 +36,9 @@ _PG_TRUST_SECONDS = 1.0
 # WAL reach wal_autocheckpoint pages: that one caller waits for the copy and its fsyncs, several
 # milliseconds on a large database (acquire's p99 at 1M tasks was 3x its p99 at 10k, all of it in
 # those commits). A checkpoint running beside a commit slows it too (they share the disk), so each
-# process checkpoints on a background thread once it has been quiet for a moment after writing;
-# under writes with no pause the automatic checkpoint stays as the backstop, at a higher threshold
-# (rarer, and a page written many times in between is copied once).
+# process checkpoints on a background thread once the database has been quiet for a moment after it
+# wrote; under writes with no pause the automatic checkpoint stays as the backstop, at a higher
+# threshold (rarer, and a page written many times in between is copied once).
 _CHECKPOINT_AFTER_QUIET_SECONDS = 0.05
 _AUTOCHECKPOINT_BACKSTOP_PAGES = 4000
 
@@ -350,8 +350,14 @@ class _Transaction:
 
 
 class _Checkpointer:
-    """SQLite only: checkpoints the WAL on a background thread when this process goes quiet after
-    writing, so that no caller's commit pays for it.
+    """SQLite only: checkpoints the WAL on a background thread once the database has been quiet for a
+    moment after this process wrote to it, so that no caller's commit pays for it.
+
+    Quiet means no commit by anyone, this process or any other sharing the file (``PRAGMA
+    data_version`` tells). Quiet used to mean this process's own commits: with 16 processes writing
+    without pause, each one kept from the lock for 50 ms then checkpointed beside the others'
+    commits, about 140 times a second (README, Benchmarks). Under writes with no pause, SQLite's own
+    checkpoint, every 4,000 WAL pages, does the work instead.
 
     PASSIVE checkpoints never wait for readers or writers. Several processes may each run one;
     SQLite lets one checkpoint at a time and the others return at once. Started by the first commit
@@ -365,13 +371,11 @@ class _Checkpointer:
         self._start_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopped = False
-        self._last_commit = 0.0
         self.runs = 0  # checkpoints run, complete or not (for tests and diagnostics)
 
     def committed(self) -> None:
         """Note a commit of this process that changed rows. Never raises: the caller's transaction
         is committed, and a checkpoint that does not happen here is done by SQLite's backstop."""
-        self._last_commit = time.monotonic()
         try:
             if self._thread is None:
                 self._start()
@@ -396,32 +400,43 @@ class _Checkpointer:
                 self._thread = thread
 
     def _run(self) -> None:
-        own: PoolProxiedConnection | None = None  # this thread's connection, opened when first needed
+        own: Any = None  # this thread's driver connection, opened when first needed
+        fairy: PoolProxiedConnection | None = None
         try:
             while True:
                 self._wake.wait()  # a commit since the last checkpoint
-                while not self._stopped:  # until this process has been quiet for a moment
-                    quiet = time.monotonic() - self._last_commit
-                    if quiet >= _CHECKPOINT_AFTER_QUIET_SECONDS:
-                        break
-                    time.sleep(_CHECKPOINT_AFTER_QUIET_SECONDS - quiet)
-                # Cleared here, not before the wait: the commits of the quiet wait are in this one.
-                self._wake.clear()
                 if self._stopped:
                     return
                 try:
-                    if own is None:
-                        own = self._engine.raw_connection()  # with the engine's pragmas
-                        own.detach()  # out of the pool (takes no caller's slot); close() closes it
-                    driver: Any = own.dbapi_connection
-                    driver.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    if fairy is None:
+                        fairy = self._engine.raw_connection()  # with the engine's pragmas
+                        fairy.detach()  # out of the pool (takes no caller's slot); close() closes it
+                        own = fairy.dbapi_connection
+                    if not self._wait_until_quiet(own):
+                        return
+                    # Cleared here, not before the wait: the commits of the quiet wait are in this one.
+                    self._wake.clear()
+                    own.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
                     self.runs += 1
                 except Exception as exc:  # the backstop still checkpoints; a request reports the cause
                     logger.debug("background checkpoint failed: {}", exc)
-                    _close_quietly(own)
-                    own = None
+                    self._wake.clear()  # the next commit tries again
+                    _close_quietly(fairy)
+                    fairy = own = None
         finally:
-            _close_quietly(own)
+            _close_quietly(fairy)
+
+    def _wait_until_quiet(self, own: Any) -> bool:
+        """Sleep until a whole quiet period passes with no commit to the database (``data_version``
+        changes when another connection commits, in this process or another). False if stopped."""
+        version = own.execute("PRAGMA data_version").fetchone()[0]
+        while not self._stopped:
+            time.sleep(_CHECKPOINT_AFTER_QUIET_SECONDS)
+            now = own.execute("PRAGMA data_version").fetchone()[0]
+            if now == version:
+                return not self._stopped
+            version = now
+        return False
 
 
 def _close_quietly(conn: PoolProxiedConnection | None) -> None:

@@ -108,6 +108,48 @@ def test_sqlite_checkpoints_on_a_background_thread_not_in_a_callers_commit(tmp_p
     assert not thread.is_alive()
 
 
+def test_sqlite_checkpoints_wait_while_another_server_writes(tmp_path: Path) -> None:
+    """Quiet means the database is quiet, not only this server: while another connection (another
+    server's, here a plain one on a thread) commits without pause, the background thread does not
+    checkpoint, however long this server has been idle; once those writes stop, it does."""
+    path = tmp_path / "t.db"
+    db = Database(f"sqlite:///{path}")
+    ensure_schema(db)
+    checkpointer = db.checkpointer
+    assert checkpointer is not None
+    TaskService(db, worker_id="w").create_task("/work", "first")  # wakes the thread
+    stop = threading.Event()
+    commits = 0
+
+    def other_server() -> None:
+        nonlocal commits
+        conn = sqlite3.connect(path, isolation_level=None, timeout=10)
+        conn.execute("PRAGMA synchronous = OFF")  # commits quickly, one after another
+        try:
+            while not stop.is_set():
+                conn.execute("UPDATE tasks SET prompt = ?", (f"edit {commits}",))
+                commits += 1
+        finally:
+            conn.close()
+
+    writer = threading.Thread(target=other_server)
+    runs_before = checkpointer.runs
+    writer.start()
+    try:
+        time.sleep(0.6)  # 12 quiet periods of this server
+        runs_while_busy = checkpointer.runs
+    finally:
+        stop.set()
+        writer.join()
+    assert commits > 100
+    assert runs_while_busy == runs_before
+    deadline = time.monotonic() + 10
+    while checkpointer.runs == runs_before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert checkpointer.runs > runs_before
+    db.dispose()
+
+
 def _rows_in_main_file(path: Path) -> int:
     """Tasks in the database file itself, the WAL ignored (-1 while a checkpoint is mid-copy)."""
     main_file = sqlite3.connect(f"file:{path}?immutable=1", uri=True)
