@@ -142,7 +142,7 @@ def error_text(result: Any) -> str:
 
 def wait_for_the_write_gate(database_path: Path, timeout: float = 30.0) -> bool:
     """True once someone has closed SQLite's write gate (an exclusive flock on ``<database>-lock``,
-    which a writer kept 100 ms from the lock takes), which a shared flock here cannot get past;
+    which a writer kept 200 ms from the lock takes), which a shared flock here cannot get past;
     False after ``timeout`` seconds."""
     fd = os.open(f"{database_path}-lock", os.O_RDONLY)
     try:
