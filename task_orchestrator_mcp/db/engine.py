@@ -356,8 +356,8 @@ class _Checkpointer:
     Quiet means no commit by anyone, this process or any other sharing the file (``PRAGMA
     data_version`` tells). Quiet used to mean this process's own commits: with 16 processes writing
     without pause, each one kept from the lock for 50 ms then checkpointed beside the others'
-    commits, about 140 times a second (README, Benchmarks). Under writes with no pause, SQLite's own
-    checkpoint, every 4,000 WAL pages, does the work instead.
+    commits, about 140 times a second (tests/benchmarks/FINDINGS.md). Under writes with no pause,
+    SQLite's own checkpoint, every 4,000 WAL pages, does the work instead.
 
     PASSIVE checkpoints never wait for readers or writers. Several processes may each run one;
     SQLite lets one checkpoint at a time and the others return at once. Started by the first commit

@@ -12,13 +12,13 @@ that used it up takes turns: it closes a gate (an exclusive ``flock`` on ``<data
 every writer of this server checks (a shared ``flock`` tried and dropped, two system calls) before it
 begins. Writers that find the gate closed wait until it opens; the starving writer meets only those
 already past it, each at most one transaction away from done, and it keeps the gate closed until it
-commits. The slowest write then waits a little more than the budget (237-290 ms measured with 8 and
+commits. The slowest write then waits a little more than the budget (203-311 ms measured with 2 to
 16 processes writing without pause), not seconds; the price is that a writer that loses waits the
 whole budget, which becomes p99 under heavy contention. Each closing hands the lock to another
 process and back, and the budget sets how often: at 16 processes, 100 ms closed the gate about 95
 times a second, each transaction held the lock 321-453 us and the claims ran at 0.50-0.70x of a raw
 loop's; 200 ms, about 47 times, 280-333 us and 0.71-0.80x, for a slowest write of 254-290 ms instead
-of 181-276 (five rounds each; README, Benchmarks).
+of 181-276 (five rounds each; tests/benchmarks/FINDINGS.md).
 
 The gate is advisory: only this server's transactions check it. Anything else that writes (the
 ``sqlite3`` shell, migrations) meets SQLite's lock and busy handler as before. A process that dies
