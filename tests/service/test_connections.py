@@ -111,13 +111,19 @@ def test_sqlite_checkpoints_on_a_background_thread_not_in_a_callers_commit(tmp_p
 def test_sqlite_checkpoints_wait_while_another_server_writes(tmp_path: Path) -> None:
     """Quiet means the database is quiet, not only this server: while another connection (another
     server's, here a plain one on a thread) commits without pause, the background thread does not
-    checkpoint, however long this server has been idle; once those writes stop, it does."""
+    checkpoint, however long this server has been idle since its own write; once those writes stop,
+    it does."""
     path = tmp_path / "t.db"
     db = Database(f"sqlite:///{path}")
     ensure_schema(db)
     checkpointer = db.checkpointer
     assert checkpointer is not None
-    TaskService(db, worker_id="w").create_task("/work", "first")  # wakes the thread
+    service = TaskService(db, worker_id="w")
+    service.create_task("/work", "first")
+    # Let the checkpoint of that commit run, so the count below starts from a quiet database.
+    deadline = time.monotonic() + 10
+    while checkpointer.runs == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
     stop = threading.Event()
     commits = 0
 
@@ -133,9 +139,12 @@ def test_sqlite_checkpoints_wait_while_another_server_writes(tmp_path: Path) -> 
             conn.close()
 
     writer = threading.Thread(target=other_server)
-    runs_before = checkpointer.runs
     writer.start()
     try:
+        while commits == 0 and writer.is_alive():
+            time.sleep(0.001)
+        runs_before = checkpointer.runs
+        service.create_task("/work", "second")  # wakes the thread while the other server writes
         time.sleep(0.6)  # 12 quiet periods of this server
         runs_while_busy = checkpointer.runs
     finally:
