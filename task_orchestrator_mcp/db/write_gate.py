@@ -94,6 +94,11 @@ class WriteGate:
         is locked" error when the deadline passes."""
         deadline = time.monotonic() + timeout
         self._wait_open(deadline)
+        if deadline - time.monotonic() < STARVING_AFTER_MS / 1000:
+            # Less time left than the budget (it went at the gate): the busy handler's wait must end
+            # at the deadline, not a budget after it.
+            _begin_waiting(raw, deadline)
+            return None
         if _began(raw):
             return None
         return self._begin_starving(raw, deadline)

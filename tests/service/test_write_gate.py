@@ -167,6 +167,30 @@ def test_a_writer_never_waits_at_the_gate_past_its_busy_timeout(db_path: Path) -
         assert TaskService(db).list_tasks().tasks == []
 
 
+def test_a_writer_held_at_the_gate_still_gives_up_at_its_busy_timeout(db_path: Path) -> None:
+    """The gate stays closed for most of the busy timeout, and another connection holds SQLite's lock
+    throughout: the write fails at its deadline, not up to a budget (STARVING_AFTER_MS) later in
+    SQLite's busy handler (150 ms later here, before the fix)."""
+    timeout = 1.0
+    with (
+        _database(db_path, busy_timeout_ms=int(timeout * 1000)) as db,
+        _lock_held_for(db_path, 1.3 * timeout),
+    ):
+        gate = os.open(f"{db_path}-lock", os.O_RDWR)
+        fcntl.flock(gate, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        opener = threading.Timer(0.95 * timeout, os.close, (gate,))  # opens it 50 ms before the deadline
+        started = time.monotonic()
+        opener.start()
+        try:
+            with pytest.raises(DatabaseUnavailable, match="locked past the busy timeout"):
+                TaskService(db).create_task("/repo", "x")
+            overrun = time.monotonic() - started - timeout
+        finally:
+            opener.join()
+    assert overrun < STARVING_AFTER_MS / 2000
+    assert _task_count(db_path) == 0
+
+
 def test_a_starving_writer_gives_up_at_its_busy_timeout_and_opens_the_gate(db_path: Path) -> None:
     """Something else (a ``sqlite3`` shell left in BEGIN, say) holds the write lock throughout: the
     writer closes the gate, fails at its busy timeout having changed nothing, and the gate opens."""
