@@ -400,39 +400,38 @@ class _Checkpointer:
                 self._thread = thread
 
     def _run(self) -> None:
-        own: Any = None  # this thread's driver connection, opened when first needed
-        fairy: PoolProxiedConnection | None = None
+        own: PoolProxiedConnection | None = None  # this thread's connection, opened when first needed
         try:
             while True:
                 self._wake.wait()  # a commit since the last checkpoint
                 if self._stopped:
                     return
                 try:
-                    if fairy is None:
-                        fairy = self._engine.raw_connection()  # with the engine's pragmas
-                        fairy.detach()  # out of the pool (takes no caller's slot); close() closes it
-                        own = fairy.dbapi_connection
-                    if not self._wait_until_quiet(own):
+                    if own is None:
+                        own = self._engine.raw_connection()  # with the engine's pragmas
+                        own.detach()  # out of the pool (takes no caller's slot); close() closes it
+                    driver: Any = own.dbapi_connection
+                    if not self._wait_until_quiet(driver):
                         return
                     # Cleared here, not before the wait: the commits of the quiet wait are in this one.
                     self._wake.clear()
-                    own.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    driver.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
                     self.runs += 1
                 except Exception as exc:  # the backstop still checkpoints; a request reports the cause
                     logger.debug("background checkpoint failed: {}", exc)
                     self._wake.clear()  # the next commit tries again
-                    _close_quietly(fairy)
-                    fairy = own = None
+                    _close_quietly(own)
+                    own = None
         finally:
-            _close_quietly(fairy)
+            _close_quietly(own)
 
-    def _wait_until_quiet(self, own: Any) -> bool:
+    def _wait_until_quiet(self, driver: Any) -> bool:
         """Sleep until a whole quiet period passes with no commit to the database (``data_version``
         changes when another connection commits, in this process or another). False if stopped."""
-        version = own.execute("PRAGMA data_version").fetchone()[0]
+        version = driver.execute("PRAGMA data_version").fetchone()[0]
         while not self._stopped:
             time.sleep(_CHECKPOINT_AFTER_QUIET_SECONDS)
-            now = own.execute("PRAGMA data_version").fetchone()[0]
+            now = driver.execute("PRAGMA data_version").fetchone()[0]
             if now == version:
                 return not self._stopped
             version = now
