@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from task_orchestrator_mcp.db.engine import Database
+from task_orchestrator_mcp.db.engine import Database, _Checkpointer
 from task_orchestrator_mcp.db.migrate import ensure_schema
 from task_orchestrator_mcp.errors import DatabaseError
 from task_orchestrator_mcp.service import TaskService
@@ -121,9 +121,7 @@ def test_sqlite_checkpoints_wait_while_another_server_writes(tmp_path: Path) -> 
     service = TaskService(db, worker_id="w")
     service.create_task("/work", "first")
     # Let the checkpoint of that commit run, so the count below starts from a quiet database.
-    deadline = time.monotonic() + 10
-    while checkpointer.runs == 0 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    _runs_once_past(checkpointer, 0)
     stop = threading.Event()
     commits = 0
 
@@ -152,11 +150,16 @@ def test_sqlite_checkpoints_wait_while_another_server_writes(tmp_path: Path) -> 
         writer.join()
     assert commits > 100
     assert runs_while_busy == runs_before
-    deadline = time.monotonic() + 10
-    while checkpointer.runs == runs_before and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert checkpointer.runs > runs_before
+    assert _runs_once_past(checkpointer, runs_before) > runs_before
     db.dispose()
+
+
+def _runs_once_past(checkpointer: _Checkpointer, runs: int) -> int:
+    """The checkpointer's count of runs once it is past ``runs``, or as it is after 10 s."""
+    deadline = time.monotonic() + 10
+    while checkpointer.runs <= runs and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return checkpointer.runs
 
 
 def _rows_in_main_file(path: Path) -> int:

@@ -65,10 +65,14 @@ def _pipe() -> Iterator[tuple[int, int]]:
                 os.close(fd)
 
 
-def _read_all(fd: int, size: int) -> bytes:
+def _read_all(fd: int, size: int | None = None) -> bytes:
+    """What ``fd`` gives until ``size`` bytes have come (with no size, or sooner: until its end)."""
     data = b""
-    while len(data) < size:
-        data += os.read(fd, 1 << 16)
+    while size is None or len(data) < size:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            break
+        data += chunk
     return data
 
 
@@ -163,7 +167,7 @@ async def test_a_line_over_the_limit_is_dropped_as_it_comes_and_answered_with_an
         feeding.join()
         assert writer.close(10)
         os.close(answers_write)
-        answers = [json.loads(line) for line in _read_to_end(answers_read).splitlines()]
+        answers = [json.loads(line) for line in _read_all(answers_read).splitlines()]
     assert got == [exact.decode(), after.decode()]
     assert max(buffered) <= limit + (1 << 16)
     assert [answer["id"] for answer in answers] == [6, "big-1", None, 5]
@@ -172,13 +176,6 @@ async def test_a_line_over_the_limit_is_dropped_as_it_comes_and_answered_with_an
         assert answer["error"]["code"] == -32600
         assert "over 200 bytes" in answer["error"]["message"]
         assert "nothing was done" in answer["error"]["message"]
-
-
-def _read_to_end(fd: int) -> bytes:
-    data = b""
-    while chunk := os.read(fd, 1 << 16):
-        data += chunk
-    return data
 
 
 def test_the_line_limit_leaves_room_for_the_largest_request_the_tools_take() -> None:
